@@ -1,0 +1,62 @@
+"""The `omnilog` console script (CONTRACT §7).
+
+Subcommands live in `pipeline.commands.<name>` and are imported only when invoked, so
+`omnilog stack up` does not pay for numpy or aiokafka imports it does not need.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from pipeline.settings import ConfigError
+
+# name -> "module:attribute" of a click.Command
+_COMMANDS: dict[str, str] = {
+    "stack": "pipeline.commands.stack:command",
+    "migrate": "pipeline.commands.migrate:command",
+    "maintain": "pipeline.commands.maintain:command",
+    "topics": "pipeline.commands.topics:command",
+    "produce": "pipeline.commands.produce:command",
+    "ingest": "pipeline.commands.ingest:command",
+    "logs": "pipeline.commands.logs:command",
+    "aggregates": "pipeline.commands.aggregates:command",
+    "schema": "pipeline.commands.schema:command",
+    "demo": "pipeline.commands.demo:command",
+    "bench": "pipeline.commands.bench:command",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = _COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module_name, attr = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                return None  # not built yet: click reports "No such command"
+            raise
+        command = getattr(module, attr)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Omnilog: gateway request events from Kafka to S3 + a Postgres index and aggregates."""
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except ConfigError as exc:
+        click.echo(f"omnilog: configuration error: {exc}", err=True)
+        sys.exit(2)

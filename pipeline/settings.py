@@ -1,0 +1,137 @@
+"""Typed configuration from the environment (CONTRACT §7) and an optional `.env`-style file.
+
+Settings are read once, at start-up, by `load_settings`; nothing reads the environment at import
+time. A bad value fails fast with one line naming the setting (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message names it."""
+
+
+def _env(name: str) -> AliasChoices:
+    return AliasChoices(name)
+
+
+class Settings(BaseSettings):
+    """Every knob of a worker. Names are the environment variables of CONTRACT §7."""
+
+    model_config = SettingsConfigDict(
+        frozen=True, extra="ignore", populate_by_name=False, env_ignore_empty=False
+    )
+
+    kafka_bootstrap_servers: str = Field(
+        "127.0.0.1:9092", validation_alias=_env("OMNILOG_KAFKA_BOOTSTRAP_SERVERS")
+    )
+    database_url: SecretStr = Field(
+        SecretStr("postgresql://omnilog@127.0.0.1:5432/omnilog"),
+        validation_alias=_env("OMNILOG_DATABASE_URL"),
+    )
+    s3_endpoint_url: str = Field("", validation_alias=_env("OMNILOG_S3_ENDPOINT_URL"))
+    s3_bucket: str = Field("omnilog", validation_alias=_env("OMNILOG_S3_BUCKET"), min_length=3, max_length=63)
+    topic: str = Field("gateway.requests.v1", validation_alias=_env("OMNILOG_TOPIC"), min_length=1)
+    dlq_topic: str = Field("gateway.requests.v1.dlq", validation_alias=_env("OMNILOG_DLQ_TOPIC"), min_length=1)
+    consumer_group: str = Field("omnilog-ingest", validation_alias=_env("OMNILOG_CONSUMER_GROUP"), min_length=1)
+    metrics_port: int = Field(9400, validation_alias=_env("OMNILOG_METRICS_PORT"), ge=0, le=65535)
+
+    aws_access_key_id: SecretStr | None = Field(None, validation_alias=_env("AWS_ACCESS_KEY_ID"))
+    aws_secret_access_key: SecretStr | None = Field(None, validation_alias=_env("AWS_SECRET_ACCESS_KEY"))
+    aws_region: str = Field("us-east-1", validation_alias=_env("AWS_REGION"))
+
+    # Batching (ARCHITECTURE "One batch, end to end", step 1).
+    batch_max_events: Annotated[int, Field(gt=0)] = Field(
+        5000, validation_alias=_env("OMNILOG_BATCH_MAX_EVENTS"), gt=0
+    )
+    batch_max_bytes: int = Field(8 * 1024 * 1024, validation_alias=_env("OMNILOG_BATCH_MAX_BYTES"), gt=0)
+    batch_max_age_s: float = Field(2.0, validation_alias=_env("OMNILOG_BATCH_MAX_AGE_S"), gt=0)
+    max_inflight_bytes: int = Field(
+        64 * 1024 * 1024, validation_alias=_env("OMNILOG_MAX_INFLIGHT_BYTES"), gt=0
+    )
+    gzip_member_bytes: int = Field(64 * 1024, validation_alias=_env("OMNILOG_GZIP_MEMBER_BYTES"), gt=1024)
+    gzip_level: int = Field(1, validation_alias=_env("OMNILOG_GZIP_LEVEL"), ge=0, le=3)
+    multipart_threshold_bytes: int = Field(
+        16 * 1024 * 1024, validation_alias=_env("OMNILOG_MULTIPART_THRESHOLD_BYTES"), ge=5 * 1024 * 1024
+    )
+
+    # Lifecycle.
+    shutdown_grace_s: float = Field(20.0, validation_alias=_env("OMNILOG_SHUTDOWN_GRACE_S"), gt=0)
+    rebalance_drain_s: float = Field(10.0, validation_alias=_env("OMNILOG_REBALANCE_DRAIN_S"), gt=0)
+    retry_max_s: float = Field(30.0, validation_alias=_env("OMNILOG_RETRY_MAX_S"), gt=0)
+
+    # Validation (CONTRACT §1): accepted lateness / future skew of started_at.
+    max_event_age_days: int = Field(90, validation_alias=_env("OMNILOG_MAX_EVENT_AGE_DAYS"), gt=0)
+    max_future_skew_s: int = Field(3600, validation_alias=_env("OMNILOG_MAX_FUTURE_SKEW_S"), ge=0)
+
+    # Dead-letter limit: stop consuming instead of draining a bad deploy into the DLQ.
+    dlq_max_ratio: float = Field(0.5, validation_alias=_env("OMNILOG_DLQ_MAX_RATIO"), gt=0, le=1)
+    dlq_min_window: int = Field(1000, validation_alias=_env("OMNILOG_DLQ_MIN_WINDOW"), gt=0)
+
+    # Aggregates merger.
+    merge_interval_s: float = Field(2.0, validation_alias=_env("OMNILOG_MERGE_INTERVAL_S"), gt=0)
+
+    log_level: str = Field("INFO", validation_alias=_env("OMNILOG_LOG_LEVEL"))
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _bootstrap_hosts(cls, value: str) -> str:
+        for hostport in value.split(","):
+            host, sep, port = hostport.strip().rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"expected host:port[,host:port...], got {hostport.strip()!r}")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError("expected a postgresql:// URL")
+        return value
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("expected an http(s):// URL, or empty for AWS")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        upper = value.upper()
+        if upper not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("expected one of DEBUG, INFO, WARNING, ERROR")
+        return upper
+
+
+def _alias_of(field_name: str) -> str:
+    field = Settings.model_fields.get(field_name)
+    alias = field.validation_alias if field else None
+    if isinstance(alias, AliasChoices):
+        first = alias.choices[0]
+        return first if isinstance(first, str) else field_name
+    return field_name
+
+
+def load_settings(env_file: str | Path | None = None, **overrides: object) -> Settings:
+    """Build settings from the environment (and `env_file` if given).
+
+    Raises ConfigError with one line per bad setting, naming its environment variable.
+    """
+    if env_file is not None and not Path(env_file).is_file():
+        raise ConfigError(f"--env-file: no such file: {env_file}")
+    try:
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = _alias_of(str(err["loc"][0])) if err["loc"] else "?"
+            lines.append(f"invalid setting {name}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("; ".join(lines)) from None
