@@ -1,0 +1,175 @@
+"""Object storage: gzip JSON Lines objects (CONTRACT §3) and their member pointers (§4).
+
+An object is a concatenation of gzip members, each holding whole lines of about
+`member_bytes` of text, so any gzip reader sees one JSON Lines file while a reader holding
+(byte_offset, byte_length) of one member can fetch and gunzip just that member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date
+from typing import TYPE_CHECKING, Any
+
+import aioboto3
+from botocore.config import Config as BotoConfig
+from isal import igzip
+
+if TYPE_CHECKING:
+    from contextlib import AbstractAsyncContextManager
+
+    from types_aiobotocore_s3 import S3Client
+
+    from pipeline.settings import Settings
+
+_MULTIPART_PART_BYTES = 8 * 1024 * 1024  # S3 needs >= 5 MiB parts except the last
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedObject:
+    body: bytes
+    # For line i: (byte_offset, byte_length) of the gzip member that holds it.
+    pointers: list[tuple[int, int]]
+    text_bytes: int
+
+
+def encode_lines(lines: Sequence[bytes], member_bytes: int = 64 * 1024, level: int = 1) -> EncodedObject:
+    """Pack `lines` (each without its trailing newline) into gzip members of ~member_bytes text."""
+    chunks: list[bytes] = []
+    pointers: list[tuple[int, int]] = []
+    offset = 0
+    text_total = 0
+    start = 0
+    n = len(lines)
+    while start < n:
+        size = 0
+        end = start
+        # A member closes once it reaches member_bytes; a single huge line still gets its own member.
+        while end < n and (size == 0 or size + len(lines[end]) + 1 <= member_bytes):
+            size += len(lines[end]) + 1
+            end += 1
+        text = b"\n".join(lines[start:end]) + b"\n"
+        member = igzip.compress(text, compresslevel=level)
+        pointer = (offset, len(member))
+        pointers.extend([pointer] * (end - start))
+        chunks.append(member)
+        offset += len(member)
+        text_total += len(text)
+        start = end
+    return EncodedObject(body=b"".join(chunks), pointers=pointers, text_bytes=text_total)
+
+
+def object_key(organization_id: str, log_date: date, server_id: str | None, topic: str) -> str:
+    """A key unique to this flush attempt: a late upload by a zombie can never overwrite a live object.
+
+    The time prefix keeps a prefix listing in write order; the random suffix makes it unique.
+    """
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    return (
+        f"org/{organization_id}/date={log_date.isoformat()}/{server_id or '_'}/"
+        f"{topic}-{stamp}-{secrets.token_hex(8)}.jsonl.gz"
+    )
+
+
+def object_uri(bucket: str, key: str) -> str:
+    return f"s3://{bucket}/{key}"
+
+
+def parse_object_uri(uri: str) -> tuple[str, str]:
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, key = uri[5:].partition("/")
+    if not bucket or not key:
+        raise ValueError(f"not an s3://bucket/key URI: {uri!r}")
+    return bucket, key
+
+
+def s3_client(settings: Settings) -> AbstractAsyncContextManager[S3Client]:
+    """An S3 client for the configured endpoint (empty endpoint: AWS) and credentials."""
+    key = settings.aws_access_key_id
+    secret = settings.aws_secret_access_key
+    return aioboto3.Session().client(  # type: ignore[no-any-return]
+        "s3",
+        endpoint_url=settings.s3_endpoint_url or None,
+        region_name=settings.aws_region,
+        aws_access_key_id=key.get_secret_value() if key else None,
+        aws_secret_access_key=secret.get_secret_value() if secret else None,
+        config=BotoConfig(
+            # Self-hosted S3 (SeaweedFS, MinIO) wants path-style addressing; AWS prefers virtual hosts.
+            s3={"addressing_style": "path"} if settings.s3_endpoint_url else {},
+            retries={"max_attempts": 3, "mode": "standard"},
+            max_pool_connections=32,
+            connect_timeout=5,
+            read_timeout=30,
+        ),
+    )
+
+
+class ObjectWriter:
+    """Uploads encoded objects; large ones by multipart upload. Retries are the caller's policy."""
+
+    def __init__(self, client: S3Client, bucket: str, multipart_threshold: int, concurrency: int = 8) -> None:
+        self._client = client
+        self._bucket = bucket
+        self._multipart_threshold = multipart_threshold
+        self._slots = asyncio.Semaphore(concurrency)
+
+    @property
+    def bucket(self) -> str:
+        return self._bucket
+
+    async def put(self, key: str, body: bytes) -> None:
+        async with self._slots:
+            if len(body) >= self._multipart_threshold:
+                await self._put_multipart(key, body)
+            else:
+                await self._client.put_object(
+                    Bucket=self._bucket,
+                    Key=key,
+                    Body=body,
+                    ContentType="application/x-ndjson",
+                    ContentEncoding="gzip",
+                )
+
+    async def _put_multipart(self, key: str, body: bytes) -> None:
+        created = await self._client.create_multipart_upload(
+            Bucket=self._bucket, Key=key, ContentType="application/x-ndjson", ContentEncoding="gzip"
+        )
+        upload_id = created["UploadId"]
+        try:
+            parts: list[dict[str, Any]] = []
+            for number, start in enumerate(range(0, len(body), _MULTIPART_PART_BYTES), start=1):
+                part = await self._client.upload_part(
+                    Bucket=self._bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=body[start : start + _MULTIPART_PART_BYTES],
+                )
+                parts.append({"ETag": part["ETag"], "PartNumber": number})
+            await self._client.complete_multipart_upload(
+                Bucket=self._bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+            )
+        except BaseException:
+            # An abandoned multipart upload bills storage until aborted; abort is best effort.
+            with contextlib.suppress(Exception):  # the original error is the one worth raising
+                await asyncio.shield(
+                    self._client.abort_multipart_upload(Bucket=self._bucket, Key=key, UploadId=upload_id)
+                )
+            raise
+
+    async def get_range(self, bucket: str, key: str, offset: int, length: int) -> bytes:
+        response = await self._client.get_object(
+            Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}"
+        )
+        async with response["Body"] as stream:
+            data: bytes = await stream.read()
+        return data
