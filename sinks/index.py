@@ -1,0 +1,224 @@
+"""The per-batch Postgres transaction: the one place a batch becomes durable.
+
+Order inside the transaction (ARCHITECTURE step 5), and why:
+1. compare-and-set every partition's `next_offset` first: it row-locks `ingest_offsets`, so a
+   zombie and the new owner of a partition serialise here and the loser fails fast, before work;
+2. COPY the batch into a temporary staging table (fast binary COPY, no index maintenance);
+3. `INSERT INTO log_index ... SELECT ... ON CONFLICT DO NOTHING RETURNING id`: the returned ids
+   are the first sightings; everything else was indexed before and is a counted duplicate;
+4. record the objects the rows point at (`ingest_objects`), so orphans are recognisable;
+5. run the batch extensions (usage rows, aggregate parts) on the first sightings only, so a
+   replay or a duplicate can never be counted twice.
+Any failure rolls the whole batch back; a failed compare-and-set raises `Fenced`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import TYPE_CHECKING, Protocol
+
+import asyncpg
+
+if TYPE_CHECKING:
+    from pipeline.event import ValidEvent
+
+
+class Fenced(Exception):
+    """The stored offset of a partition is not where this batch starts: another owner moved it."""
+
+    def __init__(self, partitions: Sequence[int]) -> None:
+        super().__init__(f"offset compare-and-set failed for partitions {sorted(partitions)}")
+        self.partitions = list(partitions)
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionRange:
+    """Messages [start, end) of one partition: `start` must equal the stored next_offset."""
+
+    partition: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class IndexedEvent:
+    event: ValidEvent
+    object_uri: str
+    byte_offset: int
+    byte_length: int
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectRecord:
+    object_uri: str
+    organization_id: str
+    log_date: date
+    event_count: int
+    byte_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutcome:
+    new_events: list[ValidEvent]
+    duplicates: int
+    committed_at: datetime
+
+
+class BatchExtension(Protocol):
+    """Extra writes in the batch transaction, fed only the events seen for the first time."""
+
+    async def write(self, conn: asyncpg.Connection, new_events: Sequence[ValidEvent]) -> None: ...
+
+
+LOG_INDEX_COLUMNS = (
+    "id",
+    "organization_id",
+    "server_id",
+    "session_id",
+    "rpc_method",
+    "level",
+    "started_at",
+    "duration_ms",
+    "status_code",
+    "error_flag",
+    "storage_provider",
+    "object_uri",
+    "byte_offset",
+    "byte_length",
+    "user_id",
+    "remote_ip",
+    "client_id",
+    "connection_id",
+    "redaction_version",
+)
+_COLS = ", ".join(LOG_INDEX_COLUMNS)
+
+_CREATE_STAGE = (
+    "CREATE TEMP TABLE IF NOT EXISTS log_index_stage "
+    "(LIKE log_index INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+)
+_INSERT_NEW = (
+    f"INSERT INTO log_index ({_COLS}) SELECT {_COLS} FROM log_index_stage ON CONFLICT DO NOTHING RETURNING id"
+)
+_ADVANCE_OFFSETS = """
+UPDATE ingest_offsets AS o
+   SET next_offset = v.end_offset, updated_at = now()
+  FROM unnest($3::int[], $4::bigint[], $5::bigint[]) AS v(partition, start_offset, end_offset)
+ WHERE o.consumer_group = $1 AND o.topic = $2
+   AND o.partition = v.partition AND o.next_offset = v.start_offset
+RETURNING o.partition
+"""
+_INSERT_OBJECTS = """
+INSERT INTO ingest_objects (object_uri, organization_id, log_date, event_count, byte_size)
+SELECT * FROM unnest($1::text[], $2::uuid[], $3::date[], $4::int[], $5::bigint[])
+"""
+
+
+def _row(item: IndexedEvent) -> tuple[object, ...]:
+    e = item.event
+    return (
+        e.event_id,
+        e.organization_id,
+        e.server_id,
+        e.session_id,
+        e.rpc_method,
+        e.level,
+        e.started_at,
+        e.duration_ms,
+        e.status_code,
+        e.error,
+        "s3",
+        item.object_uri,
+        item.byte_offset,
+        item.byte_length,
+        e.user_id,
+        e.remote_ip,
+        e.client_id,
+        e.connection_id,
+        e.redaction_version,
+    )
+
+
+async def commit_batch(
+    conn: asyncpg.Connection,
+    *,
+    consumer_group: str,
+    topic: str,
+    ranges: Sequence[PartitionRange],
+    indexed: Sequence[IndexedEvent],
+    objects: Sequence[ObjectRecord],
+    extensions: Sequence[BatchExtension] = (),
+) -> BatchOutcome:
+    """Make one batch durable, or raise (Fenced, or the database error) with nothing written."""
+    async with conn.transaction():
+        advanced = await conn.fetch(
+            _ADVANCE_OFFSETS,
+            consumer_group,
+            topic,
+            [r.partition for r in ranges],
+            [r.start for r in ranges],
+            [r.end for r in ranges],
+        )
+        if len(advanced) != len(ranges):
+            moved = {r.partition for r in ranges} - {row["partition"] for row in advanced}
+            raise Fenced(sorted(moved))
+        new_events: list[ValidEvent] = []
+        if indexed:
+            await conn.execute(_CREATE_STAGE)
+            await conn.copy_records_to_table(
+                "log_index_stage", records=[_row(i) for i in indexed], columns=LOG_INDEX_COLUMNS
+            )
+            inserted = await conn.fetch(_INSERT_NEW)
+            new_ids = {str(row["id"]) for row in inserted}
+            new_events = [i.event for i in indexed if i.event.event_id in new_ids]
+        if objects:
+            await conn.execute(
+                _INSERT_OBJECTS,
+                [o.object_uri for o in objects],
+                [o.organization_id for o in objects],
+                [o.log_date for o in objects],
+                [o.event_count for o in objects],
+                [o.byte_size for o in objects],
+            )
+        if new_events:
+            for extension in extensions:
+                await extension.write(conn, new_events)
+        committed_at = await conn.fetchval("SELECT clock_timestamp()")
+    return BatchOutcome(
+        new_events=new_events, duplicates=len(indexed) - len(new_events), committed_at=committed_at
+    )
+
+
+async def load_offsets(
+    conn: asyncpg.Connection, consumer_group: str, topic: str, partitions: Sequence[int]
+) -> dict[int, int]:
+    rows = await conn.fetch(
+        "SELECT partition, next_offset FROM ingest_offsets "
+        "WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3::int[])",
+        consumer_group,
+        topic,
+        list(partitions),
+    )
+    return {row["partition"]: row["next_offset"] for row in rows}
+
+
+async def init_offsets(
+    conn: asyncpg.Connection, consumer_group: str, topic: str, starts: dict[int, int]
+) -> dict[int, int]:
+    """Create rows for partitions never seen before, then return every partition's stored offset.
+
+    ON CONFLICT keeps a row another worker created meanwhile: the stored value always wins.
+    """
+    if starts:
+        await conn.execute(
+            "INSERT INTO ingest_offsets (consumer_group, topic, partition, next_offset) "
+            "SELECT $1, $2, p, o FROM unnest($3::int[], $4::bigint[]) AS v(p, o) "
+            "ON CONFLICT DO NOTHING",
+            consumer_group,
+            topic,
+            list(starts),
+            list(starts.values()),
+        )
+    return await load_offsets(conn, consumer_group, topic, list(starts))
