@@ -1,0 +1,454 @@
+"""The ingest worker: one consumer-group member (CONTRACT §6, ARCHITECTURE "One batch, end to end").
+
+The poll loop never blocks on a flush: at most one flush runs as a task while the loop keeps
+polling (so group membership and liveness hold during a dependency outage) and fills the next
+batch; when that batch is full too, or the in-flight byte cap is reached, the loop pauses the
+partitions (backpressure) until the flush completes.
+
+Progress lives in Postgres (`ingest_offsets`). aiokafka rebalances eagerly: every member revokes
+all its partitions before any is assigned, so the revoke callback is where the in-flight flush is
+finished or abandoned (bounded by OMNILOG_REBALANCE_DRAIN_S) and the buffer dropped; the assign
+callback seeks every partition to its stored offset. A late commit of an abandoned flush is
+harmless: the offset compare-and-set in its transaction fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+from datetime import date, timedelta
+from typing import Any
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from pipeline.event import ValidationPolicy
+from prometheus_client import CollectorRegistry
+from tenacity import AsyncRetrying, wait_random_exponential
+
+from consumers.ingest.batch import Batch, BatchBuffer, BatchLimits
+from consumers.ingest.dlq import DeadLetterLimit, DeadLetterLimitExceeded
+from consumers.ingest.flush import FlushContext, FlushReport, flush
+from consumers.ingest.health import HealthServer
+from pipeline.metrics import WorkerMetrics
+from pipeline.settings import Settings
+from sinks.index import BatchExtension, Fenced, init_offsets, load_offsets
+from sinks.objects import ObjectWriter, s3_client
+
+log = logging.getLogger("omnilog.worker")
+
+EnsurePartitions = Callable[[asyncpg.Connection, set[date]], Awaitable[None]]
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: IngestWorker) -> None:
+        self._worker = worker
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self._worker.on_revoked([tp.partition for tp in revoked if tp.topic == self._worker.topic])
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self._worker.on_assigned([tp.partition for tp in assigned if tp.topic == self._worker.topic])
+
+
+class IngestWorker:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry | None = None,
+        extensions: Sequence[BatchExtension] = (),
+        ensure_partitions: EnsurePartitions | None = None,
+    ) -> None:
+        self.settings = settings
+        self.topic = settings.topic
+        self.registry = registry or CollectorRegistry()
+        self.metrics = WorkerMetrics(self.registry)
+        self._extensions = extensions
+        self._ensure_partitions = ensure_partitions
+        self._buffer = BatchBuffer(
+            BatchLimits(settings.batch_max_events, settings.batch_max_bytes, settings.batch_max_age_s)
+        )
+        self._stop = asyncio.Event()
+        self._flush_task: asyncio.Task[FlushReport] | None = None
+        self._flush_batch: Batch | None = None
+        self._committed: dict[int, int] = {}
+        self._loop_progress = time.monotonic()
+        self._assigned_once = False
+        self._dependencies: dict[str, bool] = {}
+        self._dlq_tripped: str | None = None
+        self._started = False
+        self._consumer: AIOKafkaConsumer | None = None
+        self._pool: asyncpg.Pool | None = None
+        self._ctx: FlushContext | None = None
+        self.health: HealthServer | None = None
+        self.exit_code = 0
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> int:
+        """Run until `request_stop`; returns the process exit code."""
+        async with AsyncExitStack() as stack:
+            self.health = HealthServer(
+                self.registry, self.settings.metrics_port, lambda: self._loop_progress, self._readiness
+            )
+            await self.health.start()
+            stack.push_async_callback(self.health.stop)
+            log.info(
+                "worker starting",
+                extra={
+                    "topic": self.topic,
+                    "group": self.settings.consumer_group,
+                    "metrics_port": self.health.bound_port,
+                },
+            )
+            if not await self._start(stack):
+                return self.exit_code
+            self._started = True
+            gc.collect()
+            gc.freeze()  # long-lived objects (clients, pools) leave the collector's scans
+            try:
+                await self._poll_loop()
+            finally:
+                await self._shutdown()
+        log.info("worker stopped", extra={"exit_code": self.exit_code})
+        return self.exit_code
+
+    async def _start(self, stack: AsyncExitStack) -> bool:
+        s = self.settings
+        self._pool = await self._until_stopped(
+            "postgres",
+            lambda: asyncpg.create_pool(
+                s.database_url.get_secret_value(),
+                min_size=1,
+                max_size=4,
+                command_timeout=60,
+            ),
+        )
+        if self._pool is None:
+            return False
+        stack.push_async_callback(self._pool.close)
+
+        s3 = await stack.enter_async_context(s3_client(s))
+
+        producer = AIOKafkaProducer(
+            bootstrap_servers=s.kafka_bootstrap_servers,
+            acks="all",
+            linger_ms=5,
+            # Dead letters are at-least-once by contract; idempotence would need InitProducerId,
+            # which the local broker lacks.
+            enable_idempotence=False,
+        )
+        if await self._until_stopped("kafka", producer.start) is None and self._stop.is_set():
+            return False
+        stack.push_async_callback(producer.stop)
+
+        self._ctx = FlushContext(
+            topic=s.topic,
+            dlq_topic=s.dlq_topic,
+            consumer_group=s.consumer_group,
+            pool=self._pool,
+            objects=ObjectWriter(s3, s.s3_bucket, s.multipart_threshold_bytes),
+            producer=producer,
+            metrics=self.metrics,
+            policy=ValidationPolicy(
+                max_age=timedelta(days=s.max_event_age_days),
+                max_future_skew=timedelta(seconds=s.max_future_skew_s),
+            ),
+            member_bytes=s.gzip_member_bytes,
+            gzip_level=s.gzip_level,
+            retry_max_s=s.retry_max_s,
+            dlq_limit=DeadLetterLimit(s.dlq_max_ratio, s.dlq_min_window),
+            extensions=self._extensions,
+            ensure_partitions=self._ensure_partitions,
+            on_dependency=self._set_dependency,
+        )
+
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.kafka_bootstrap_servers,
+            group_id=s.consumer_group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=2 * 1024 * 1024,
+            fetch_max_bytes=min(32 * 1024 * 1024, s.max_inflight_bytes),
+        )
+        consumer.subscribe([s.topic], listener=_Listener(self))
+        if await self._until_stopped("kafka", consumer.start) is None and self._stop.is_set():
+            return False
+        self._consumer = consumer
+        stack.push_async_callback(consumer.stop)
+        return True
+
+    async def _until_stopped(self, dependency: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        """Retry a start-up call with backoff until it works or the worker is told to stop."""
+        async for attempt in AsyncRetrying(
+            wait=wait_random_exponential(multiplier=0.5, max=self.settings.retry_max_s)
+        ):
+            with attempt:
+                if self._stop.is_set():
+                    return None
+                try:
+                    result = await call()
+                except Exception as exc:
+                    self._set_dependency(dependency, False)
+                    log.warning(
+                        "dependency not reachable at start-up, retrying",
+                        extra={"dependency": dependency, "error": f"{type(exc).__name__}: {exc}"},
+                    )
+                    raise
+                self._set_dependency(dependency, True)
+                return result
+        return None
+
+    async def _shutdown(self) -> None:
+        """Finish (or abandon) the in-flight flush and then the open batch within the grace period."""
+        deadline = time.monotonic() + self.settings.shutdown_grace_s
+        await self._finish_flush(deadline - time.monotonic())
+        if len(self._buffer) and self._dlq_tripped is None and self._consumer is not None:
+            remaining = deadline - time.monotonic()
+            if remaining > 0:
+                self._start_flush(self._buffer.take())
+                await self._finish_flush(remaining)
+        log.info("drained", extra={"abandoned_messages": len(self._buffer)})
+
+    async def _finish_flush(self, budget_s: float) -> None:
+        task = self._flush_task
+        if task is None:
+            return
+        if not task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(task), max(budget_s, 0.001))
+            except TimeoutError:
+                task.cancel()
+                log.warning(
+                    "abandoning in-flight flush at its deadline",
+                    extra={"partitions": self._flush_batch.partitions if self._flush_batch else []},
+                )
+            except Exception:  # noqa: BLE001 - its outcome is handled by _reap_flush below
+                pass
+            with contextlib.suppress(BaseException):
+                await task
+        await self._reap_flush()
+
+    # ---- the poll loop -----------------------------------------------------------------------
+
+    async def _poll_loop(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        while not self._stop.is_set():
+            self._loop_progress = time.monotonic()
+            self._apply_backpressure(consumer)
+            records = await consumer.getmany(timeout_ms=100, max_records=self.settings.batch_max_events)
+            for tp, batch in records.items():
+                self.metrics.events_consumed.inc(self._buffer.add(tp.partition, batch))
+            if self._flush_task is not None and self._flush_task.done():
+                await self._reap_flush()
+            if self._flush_task is None and self._dlq_tripped is None and self._buffer.due():
+                self._start_flush(self._buffer.take())
+            self._update_lag(consumer)
+
+    def _apply_backpressure(self, consumer: AIOKafkaConsumer) -> None:
+        in_flight = self._flush_batch.size_bytes if self._flush_task is not None and self._flush_batch else 0
+        held = self._buffer.size_bytes + in_flight
+        self.metrics.inflight_bytes.set(held)
+        pause = (
+            self._dlq_tripped is not None
+            or (self._flush_task is not None and self._buffer.full())
+            or held >= self.settings.max_inflight_bytes
+        )
+        assigned = consumer.assignment()
+        if pause:
+            consumer.pause(*assigned)
+        elif consumer.paused():
+            consumer.resume(*consumer.paused())
+
+    def _start_flush(self, batch: Batch) -> None:
+        assert self._ctx is not None
+        self._flush_batch = batch
+        self._flush_task = asyncio.create_task(flush(self._ctx, batch), name="omnilog-flush")
+
+    async def _reap_flush(self) -> None:
+        task, batch = self._flush_task, self._flush_batch
+        self._flush_task = self._flush_batch = None
+        if task is None or batch is None:
+            return
+        if task.cancelled():
+            self.metrics.orphaned_uploads.inc(0)
+            return
+        exc = task.exception()
+        if exc is None:
+            await self._after_commit(batch, task.result())
+        elif isinstance(exc, Fenced):
+            self.metrics.fenced_batches.inc()
+            log.warning(
+                "batch fenced: another owner moved the offsets; re-reading from Postgres",
+                extra={"partitions": exc.partitions},
+            )
+            await self._reset_positions()
+        elif isinstance(exc, DeadLetterLimitExceeded):
+            self._dlq_tripped = str(exc)
+            self.metrics.dlq_limit_tripped.set(1)
+            log.error("dead-letter limit exceeded", extra={"reason": str(exc)})
+        else:
+            log.error("flush failed unexpectedly; re-reading from Postgres", exc_info=exc)
+            await asyncio.sleep(1.0)
+            await self._reset_positions()
+
+    async def _after_commit(self, batch: Batch, report: FlushReport) -> None:
+        m = self.metrics
+        outcome = report.outcome
+        for r in batch.ranges:
+            self._committed[r.partition] = r.end
+        m.events_indexed.inc(len(outcome.new_events))
+        m.events_duplicate.inc(outcome.duplicates + report.in_batch_duplicates)
+        m.objects_written.inc(report.objects)
+        m.object_bytes_written.inc(report.object_bytes)
+        m.batch_events.observe(report.messages)
+        m.last_commit_timestamp.set(outcome.committed_at.timestamp())
+        for stage, seconds in report.stage_seconds.items():
+            m.flush_stage_duration.labels(stage).observe(seconds)
+        committed = outcome.committed_at
+        freshness = m.freshness
+        for event in outcome.new_events:
+            freshness.observe((committed - event.started_at).total_seconds())
+
+        consumer = self._consumer
+        t0 = time.perf_counter()
+        if consumer is not None:
+            owned = consumer.assignment()
+            offsets = {
+                tp: r.end for r in batch.ranges if (tp := TopicPartition(self.topic, r.partition)) in owned
+            }
+            if offsets:
+                try:
+                    await consumer.commit(offsets)
+                except Exception as exc:  # noqa: BLE001 - Postgres is the source of truth; lag tools lag
+                    log.warning("kafka offset commit failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+        m.flush_stage_duration.labels("kafka_commit").observe(time.perf_counter() - t0)
+        log.info(
+            "batch committed",
+            extra={
+                "ranges": [(r.partition, r.start, r.end) for r in batch.ranges],
+                "messages": report.messages,
+                "indexed": len(outcome.new_events),
+                "duplicates": outcome.duplicates + report.in_batch_duplicates,
+                "invalid": report.invalid,
+                "objects": report.objects,
+                "object_bytes": report.object_bytes,
+                "stage_ms": {k: round(v * 1000, 1) for k, v in report.stage_seconds.items()},
+            },
+        )
+
+    def _update_lag(self, consumer: AIOKafkaConsumer) -> None:
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            committed = self._committed.get(tp.partition)
+            if high is not None and committed is not None:
+                # Never negative (Vector #21134): the broker's watermark may trail our commit briefly.
+                self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, high - committed))
+
+    # ---- rebalance -----------------------------------------------------------------------------
+
+    async def on_revoked(self, partitions: list[int]) -> None:
+        t0 = time.monotonic()
+        await self._finish_flush(self.settings.rebalance_drain_s)
+        self._buffer.revoke(partitions)
+        for p in partitions:
+            self._committed.pop(p, None)
+            with contextlib.suppress(KeyError):
+                self.metrics.consumer_lag.remove(self.topic, str(p))
+        log.info(
+            "partitions revoked", extra={"partitions": partitions, "drain_s": round(time.monotonic() - t0, 3)}
+        )
+
+    async def on_assigned(self, partitions: list[int]) -> None:
+        positions = await self._load_positions(partitions, create=True)
+        self._seek(positions)
+        self._assigned_once = True
+        log.info("partitions assigned", extra={"positions": positions})
+
+    async def _reset_positions(self) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
+        owned = [tp.partition for tp in consumer.assignment() if tp.topic == self.topic]
+        positions = await self._load_positions(owned, create=False)
+        self._seek(positions)
+
+    def _seek(self, positions: dict[int, int]) -> None:
+        consumer = self._consumer
+        kept = {p: o for p, o in positions.items()}
+        self._buffer.reset({**{p: o for p, o in self._buffer.positions.items() if p not in kept}, **kept})
+        self._committed.update(kept)
+        if consumer is not None:
+            for p, offset in kept.items():
+                consumer.seek(TopicPartition(self.topic, p), offset)
+
+    async def _load_positions(self, partitions: list[int], create: bool) -> dict[int, int]:
+        """Stored offsets from Postgres; partitions never seen start at Kafka's committed offset,
+        else the earliest. Retries until Postgres answers: a worker never guesses a position."""
+        if not partitions:
+            return {}
+        pool = self._pool
+        assert pool is not None
+
+        async def attempt() -> dict[int, int]:
+            async with pool.acquire() as conn:
+                stored = await load_offsets(conn, self.settings.consumer_group, self.topic, partitions)
+                missing = [p for p in partitions if p not in stored]
+                if missing and create:
+                    starts = await self._fallback_offsets(missing)
+                    stored.update(await init_offsets(conn, self.settings.consumer_group, self.topic, starts))
+                return stored
+
+        async for retry in AsyncRetrying(
+            wait=wait_random_exponential(multiplier=0.2, max=self.settings.retry_max_s)
+        ):
+            with retry:
+                try:
+                    result = await attempt()
+                except Exception as exc:
+                    self._set_dependency("postgres", False)
+                    log.warning(
+                        "loading partition offsets failed, retrying",
+                        extra={"error": f"{type(exc).__name__}: {exc}"},
+                    )
+                    raise
+                self._set_dependency("postgres", True)
+                return result
+        raise AssertionError("unreachable")
+
+    async def _fallback_offsets(self, partitions: list[int]) -> dict[int, int]:
+        consumer = self._consumer
+        assert consumer is not None
+        tps = [TopicPartition(self.topic, p) for p in partitions]
+        starts: dict[int, int] = {}
+        earliest = await consumer.beginning_offsets(tps)
+        for tp in tps:
+            committed = await consumer.committed(tp)
+            starts[tp.partition] = committed if committed is not None else earliest[tp]
+        return starts
+
+    # ---- health ---------------------------------------------------------------------------------
+
+    def _set_dependency(self, name: str, ok: bool) -> None:
+        if self._dependencies.get(name) != ok:
+            self._dependencies[name] = ok
+            self.metrics.dependency_up.labels(name).set(1 if ok else 0)
+        self.metrics.ready.set(1 if self._readiness()[0] else 0)
+
+    def _readiness(self) -> tuple[bool, str]:
+        if self._dlq_tripped is not None:
+            return False, self._dlq_tripped
+        down = sorted(name for name, ok in self._dependencies.items() if not ok)
+        if down:
+            return False, "dependency down: " + ", ".join(down)
+        if not self._started or not self._assigned_once:
+            return False, "joining the consumer group"
+        return True, "ready"
