@@ -1,0 +1,178 @@
+"""`omnilog logs query` / `omnilog logs get EVENT_ID`: the read path (CONTRACT §7)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import click
+import orjson
+
+from pipeline.readpath import NotFound, QueryFilter, fetch_bodies, get_event, query_index
+from pipeline.settings import Settings, load_settings
+from sinks.objects import ObjectWriter, s3_client
+
+_RELATIVE = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def _parse_time(value: str | None, option: str) -> datetime | None:
+    """An RFC 3339 timestamp, or a span back from now such as 15m, 6h, 7d."""
+    if value is None:
+        return None
+    match = _RELATIVE.match(value)
+    if match:
+        return datetime.now(UTC) - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"expected RFC 3339 or a span like 6h, got {value!r}", param_hint=option
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _uuid(value: str | None, option: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise click.BadParameter(f"not a UUID: {value!r}", param_hint=option) from None
+
+
+@click.group("logs")
+def command() -> None:
+    """Query the log index and fetch stored events."""
+
+
+@command.command("get")
+@click.argument("event_id")
+@click.option("--env-file", type=click.Path(path_type=Path))
+@click.option("--pretty", is_flag=True, help="Indent the JSON.")
+def get(event_id: str, env_file: Path | None, pretty: bool) -> None:
+    """Print one stored event, fetched with one ranged GET of its gzip member."""
+    settings = load_settings(env_file)
+    canonical = _uuid(event_id, "EVENT_ID")
+    assert canonical is not None
+    try:
+        line = asyncio.run(_get(settings, canonical))
+    except NotFound as exc:
+        click.echo(f"omnilog: {exc}", err=True)
+        sys.exit(1)
+    if pretty:
+        line = orjson.dumps(orjson.loads(line), option=orjson.OPT_INDENT_2)
+    click.echo(line.decode())
+
+
+async def _get(settings: Settings, event_id: str) -> bytes:
+    conn = await asyncpg.connect(settings.database_url.get_secret_value())
+    try:
+        async with s3_client(settings) as s3:
+            return await get_event(conn, ObjectWriter(s3, settings.s3_bucket, 1 << 30), event_id)
+    finally:
+        await conn.close()
+
+
+@command.command("query")
+@click.option("--org", "org", help="Organization id.")
+@click.option("--server", help="Server id.")
+@click.option("--session", help="Session id.")
+@click.option("--method", help="RPC method, e.g. tools/call.")
+@click.option("--level", type=click.Choice(["trace", "debug", "info", "warn", "error", "fatal"]))
+@click.option("--errors", "errors_only", is_flag=True, help="Only requests flagged as errors.")
+@click.option("--since", help="RFC 3339 time or a span back from now (15m, 6h, 7d).")
+@click.option("--until", help="RFC 3339 time or a span back from now.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option("--cursor", help="The next-page cursor printed by the previous page.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--with-body", is_flag=True, help="Fetch each event's stored body (concurrently).")
+@click.option("--env-file", type=click.Path(path_type=Path))
+def query(
+    org: str | None,
+    server: str | None,
+    session: str | None,
+    method: str | None,
+    level: str | None,
+    errors_only: bool,
+    since: str | None,
+    until: str | None,
+    limit: int,
+    cursor: str | None,
+    fmt: str,
+    with_body: bool,
+    env_file: Path | None,
+) -> None:
+    """List indexed requests, newest first."""
+    settings = load_settings(env_file)
+    flt = QueryFilter(
+        organization_id=_uuid(org, "--org"),
+        server_id=_uuid(server, "--server"),
+        session_id=_uuid(session, "--session"),
+        rpc_method=method,
+        level=level,
+        errors_only=errors_only,
+        since=_parse_time(since, "--since"),
+        until=_parse_time(until, "--until"),
+    )
+    try:
+        rows, next_cursor = asyncio.run(_query(settings, flt, limit, cursor, with_body))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--cursor") from None
+    if fmt == "json":
+        for row in rows:
+            click.echo(orjson.dumps(row, default=str).decode())
+        if next_cursor:
+            click.echo(orjson.dumps({"next_cursor": next_cursor}).decode())
+    else:
+        _print_table(rows, with_body)
+        if next_cursor:
+            click.echo(f"next page: --cursor {next_cursor}")
+
+
+async def _query(
+    settings: Settings, flt: QueryFilter, limit: int, cursor: str | None, with_body: bool
+) -> tuple[list[dict[str, Any]], str | None]:
+    conn = await asyncpg.connect(settings.database_url.get_secret_value())
+    try:
+        rows, next_cursor = await query_index(conn, flt, limit, cursor)
+    finally:
+        await conn.close()
+    for row in rows:
+        row["id"] = str(row["id"])
+    if with_body and rows:
+        async with s3_client(settings) as s3:
+            bodies = await fetch_bodies(ObjectWriter(s3, settings.s3_bucket, 1 << 30), rows)
+        for row in rows:
+            row["event"] = orjson.loads(bodies[row["id"]])
+    return rows, next_cursor
+
+
+def _print_table(rows: list[dict[str, Any]], with_body: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_lines=False)
+    for title in ("started_at", "org", "server", "method", "level", "status", "ms", "event_id"):
+        table.add_column(title)
+    for row in rows:
+        table.add_row(
+            row["started_at"].isoformat(timespec="milliseconds"),
+            str(row["organization_id"])[:8],
+            str(row["server_id"] or "-")[:8],
+            row["rpc_method"] or "-",
+            row["level"],
+            str(row["status_code"] or "-"),
+            str(row["duration_ms"]),
+            row["id"],
+        )
+    Console().print(table)
+    if with_body:
+        for row in rows:
+            click.echo(orjson.dumps(row["event"]).decode())

@@ -1,0 +1,148 @@
+"""The read path: find events in the Postgres index, fetch their bodies from object storage.
+
+`get_event` costs one index lookup and one ranged GET of one gzip member (CONTRACT §4).
+`query` pages by keyset on (started_at, id) so deep pages cost the same as the first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import orjson
+from isal import igzip
+
+from sinks.objects import ObjectWriter, parse_object_uri
+
+
+class NotFound(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class QueryFilter:
+    organization_id: str | None = None
+    server_id: str | None = None
+    session_id: str | None = None
+    rpc_method: str | None = None
+    level: str | None = None
+    errors_only: bool = False
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+_ROW_COLUMNS = (
+    "id, organization_id, server_id, session_id, rpc_method, level, started_at, duration_ms, "
+    "status_code, error_flag, user_id, remote_ip, object_uri, byte_offset, byte_length"
+)
+
+
+def encode_cursor(started_at: datetime, event_id: str) -> str:
+    raw = orjson.dumps([started_at.isoformat(), event_id])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        started, event_id = orjson.loads(base64.urlsafe_b64decode(padded))
+        return datetime.fromisoformat(started), str(event_id)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"invalid --cursor {cursor!r}") from exc
+
+
+async def query_index(
+    conn: asyncpg.Connection, flt: QueryFilter, limit: int, cursor: str | None = None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Newest first. Returns the rows and the cursor of the next page (None on the last page)."""
+    where: list[str] = []
+    args: list[Any] = []
+
+    def add(sql: str, value: Any) -> None:
+        args.append(value)
+        where.append(sql.format(f"${len(args)}"))
+
+    if flt.organization_id:
+        add("organization_id = {}::uuid", flt.organization_id)
+    if flt.server_id:
+        add("server_id = {}::uuid", flt.server_id)
+    if flt.session_id:
+        add("session_id = {}::uuid", flt.session_id)
+    if flt.rpc_method:
+        add("rpc_method = {}", flt.rpc_method)
+    if flt.level:
+        add("level = {}::log_level_enum", flt.level)
+    if flt.errors_only:
+        where.append("error_flag")
+    if flt.since:
+        add("started_at >= {}", flt.since)
+    if flt.until:
+        add("started_at < {}", flt.until)
+    if cursor:
+        started, event_id = decode_cursor(cursor)
+        args.extend([started, event_id])
+        where.append(f"(started_at, id) < (${len(args) - 1}, ${len(args)}::uuid)")
+    args.append(limit + 1)
+    sql = (
+        f"SELECT {_ROW_COLUMNS} FROM log_index"
+        + (" WHERE " + " AND ".join(where) if where else "")
+        + f" ORDER BY started_at DESC, id DESC LIMIT ${len(args)}"
+    )
+    rows = [dict(r) for r in await conn.fetch(sql, *args)]
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        last = rows[-1]
+        next_cursor = encode_cursor(last["started_at"], str(last["id"]))
+    return rows, next_cursor
+
+
+def find_line(member: bytes, event_id: str) -> bytes:
+    """The line of `event_id` in one gzip member."""
+    needle = event_id.encode()
+    for line in igzip.decompress(member).split(b"\n"):
+        if needle in line:
+            candidate = orjson.loads(line)
+            if isinstance(candidate, dict) and str(candidate.get("event_id", "")).lower() == event_id:
+                return line
+    raise NotFound(f"event {event_id} is not in the member its pointer names")
+
+
+async def fetch_bodies(
+    objects: ObjectWriter, rows: Sequence[dict[str, Any]], concurrency: int = 16
+) -> dict[str, bytes]:
+    """Event id -> stored line, fetching each distinct gzip member once, concurrently."""
+    by_member: dict[tuple[str, int, int], list[str]] = {}
+    for row in rows:
+        key = (row["object_uri"], row["byte_offset"], row["byte_length"])
+        by_member.setdefault(key, []).append(str(row["id"]))
+    slots = asyncio.Semaphore(concurrency)
+    found: dict[str, bytes] = {}
+
+    async def one(uri: str, offset: int, length: int, ids: list[str]) -> None:
+        bucket, key = parse_object_uri(uri)
+        async with slots:
+            member = await objects.get_range(bucket, key, offset, length)
+        for event_id in ids:
+            found[event_id] = find_line(member, event_id)
+
+    async with asyncio.TaskGroup() as group:
+        for (uri, offset, length), ids in by_member.items():
+            group.create_task(one(uri, offset, length, ids))
+    return found
+
+
+async def get_event(conn: asyncpg.Connection, objects: ObjectWriter, event_id: str) -> bytes:
+    row = await conn.fetchrow(
+        "SELECT object_uri, byte_offset, byte_length FROM log_index WHERE id = $1::uuid LIMIT 1", event_id
+    )
+    if row is None:
+        raise NotFound(f"no event {event_id} in log_index")
+    bucket, key = parse_object_uri(row["object_uri"])
+    member = await objects.get_range(bucket, key, row["byte_offset"], row["byte_length"])
+    return find_line(member, event_id)
