@@ -18,6 +18,7 @@ from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 
 import asyncpg
+from pipeline import failpoints
 from pipeline.event import InvalidEvent, ValidationPolicy, ValidEvent, validate_event
 from tenacity import AsyncRetrying, retry_if_not_exception_type, wait_random_exponential
 
@@ -170,6 +171,7 @@ async def flush(ctx: FlushContext, batch: Batch) -> FlushReport:
     try:
         await _retrying(ctx, "upload", "s3", lambda: _upload_all(ctx, pending))
         stages["upload"] = time.perf_counter() - t0
+        failpoints.hit("after_upload")
 
         t0 = time.perf_counter()
         days = {e.started_at.date() for e in valid}
@@ -191,6 +193,7 @@ async def flush(ctx: FlushContext, batch: Batch) -> FlushReport:
                 )
 
         outcome = await _retrying(ctx, "postgres", "postgres", commit)
+        failpoints.hit("after_postgres_commit")
         stages["postgres"] = time.perf_counter() - t0
     except BaseException:
         orphans = sum(1 for p in pending if p.uploaded)
@@ -215,6 +218,7 @@ async def _upload_all(ctx: FlushContext, pending: list[PendingObject]) -> None:
     async def one(p: PendingObject) -> None:
         await ctx.objects.put(p.key, p.body)
         p.uploaded = True
+        failpoints.hit("during_upload")
 
     # A TaskGroup cancels the sibling uploads when one fails, so a retry never races a stale upload.
     async with asyncio.TaskGroup() as group:

@@ -26,6 +26,7 @@ from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from pipeline import failpoints
 from pipeline.event import ValidationPolicy
 from prometheus_client import CollectorRegistry
 from tenacity import AsyncRetrying, wait_random_exponential
@@ -331,6 +332,7 @@ class IngestWorker:
                 except Exception as exc:  # noqa: BLE001 - Postgres is the source of truth; lag tools lag
                     log.warning("kafka offset commit failed", extra={"error": f"{type(exc).__name__}: {exc}"})
         m.flush_stage_duration.labels("kafka_commit").observe(time.perf_counter() - t0)
+        failpoints.hit("after_kafka_commit")
         log.info(
             "batch committed",
             extra={
