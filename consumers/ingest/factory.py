@@ -3,11 +3,25 @@ maintenance that live in `sinks`."""
 
 from __future__ import annotations
 
+from datetime import date
+
+import asyncpg
 from prometheus_client import CollectorRegistry
 
 from consumers.ingest.worker import IngestWorker
 from pipeline.settings import Settings
+from sinks.partitions import PartitionCache, ensure_day_partitions
+
+# Tables a batch inserts into, partitioned by the event's UTC day.
+_DAY_PARTITIONED = ("log_index", "usage_events", "mcp_usage")
 
 
 def build_worker(settings: Settings, registry: CollectorRegistry | None = None) -> IngestWorker:
-    return IngestWorker(settings, registry=registry)
+    cache = PartitionCache()
+
+    async def ensure_partitions(conn: asyncpg.Connection, days: set[date]) -> None:
+        # Late events are normal: a missing day is created on demand (cheap when cached).
+        for table in _DAY_PARTITIONED:
+            await ensure_day_partitions(conn, table, days, cache)
+
+    return IngestWorker(settings, registry=registry, ensure_partitions=ensure_partitions)
