@@ -263,6 +263,10 @@ async def drop_expired(
         cutoff = now_day - timedelta(days=keep_days)
         state = await _inspect(conn, spec)
         if state.kind == "hypertable":
+            # Keep the background policy in step with the retention asked for, so it never drops
+            # earlier than this routine would (it is only a safety net if maintenance stops).
+            for statement in timescale.retention_policy_statements(spec, retention_days):
+                await conn.execute(statement)
             days = await timescale.drop_chunks_before(conn, spec.table, cutoff)
         else:
             days = await _drop_partitions(conn, spec, state, cutoff)
