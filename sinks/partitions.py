@@ -165,6 +165,14 @@ def _spec(table: str) -> TimePartitioned:
         raise PartitionError(f"{table} is not a time-partitioned table") from None
 
 
+def _utc_date(value: date) -> date:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise PartitionError(f"naive datetime {value!r}: pass UTC dates or aware datetimes")
+        return value.astimezone(UTC).date()
+    return value
+
+
 def _require_autocommit(conn: asyncpg.Connection, what: str) -> None:
     # Creating a partition inside a batch transaction would hold its locks until the batch
     # commits and could deadlock two workers; dropping concurrently cannot run in a transaction.
@@ -180,13 +188,16 @@ async def ensure_day_partitions(
 ) -> list[date]:
     """Make sure the partitions holding `days` (UTC dates) exist; return the starts it created.
 
+    A datetime among `days` stands for its UTC date (partitions are UTC days, while an event's
+    local date can differ).
+
     Safe when several workers call it at once for the same day: each creation runs in its own
     short transaction under a per-table advisory lock and re-checks the catalog after taking it.
     With a warm `cache` and known days it does no I/O; on a miss it lists partitions with one
     query. Must be called outside a transaction (before the batch transaction that inserts).
     """
     spec = _spec(table)
-    starts = {spec.period_start(d) for d in days}
+    starts = {spec.period_start(_utc_date(d)) for d in days}
     if cache is not None and cache.covers(table, starts):
         return []
     _require_autocommit(conn, "ensure_day_partitions")
