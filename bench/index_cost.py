@@ -188,6 +188,9 @@ async def main() -> None:
     variants |= {f"+{name}": [name] for name in ALL_INDEXES}
     variants["seed_all"] = list(SEED_INDEXES)
     variants["chosen"] = CHOSEN
+    # Marginal costs: the chosen set without each of its members, and with each dropped one.
+    variants |= {f"chosen-{name}": [i for i in CHOSEN if i != name] for name in CHOSEN}
+    variants |= {f"chosen+{name}": [*CHOSEN, name] for name in SEED_INDEXES if name not in CHOSEN}
     if args.only:
         variants = {name: variants[name] for name in ["pk_only", *args.only] if name in variants}
     conn = await asyncpg.connect(args.database_url)
