@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import asyncpg
 import orjson
-from isal import igzip
 
+from sinks.db import Connection
 from sinks.objects import ObjectWriter, parse_object_uri
 
 
@@ -57,7 +57,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 
 async def query_index(
-    conn: asyncpg.Connection, flt: QueryFilter, limit: int, cursor: str | None = None
+    conn: Connection, flt: QueryFilter, limit: int, cursor: str | None = None
 ) -> tuple[list[dict[str, Any]], str | None]:
     """Newest first. Returns the rows and the cursor of the next page (None on the last page)."""
     where: list[str] = []
@@ -105,7 +105,7 @@ async def query_index(
 def find_line(member: bytes, event_id: str) -> bytes:
     """The line of `event_id` in one gzip member."""
     needle = event_id.encode()
-    for line in igzip.decompress(member).split(b"\n"):
+    for line in zlib.decompress(member, wbits=31).split(b"\n"):
         if needle in line:
             candidate = orjson.loads(line)
             if isinstance(candidate, dict) and str(candidate.get("event_id", "")).lower() == event_id:
@@ -137,7 +137,7 @@ async def fetch_bodies(
     return found
 
 
-async def get_event(conn: asyncpg.Connection, objects: ObjectWriter, event_id: str) -> bytes:
+async def get_event(conn: Connection, objects: ObjectWriter, event_id: str) -> bytes:
     row = await conn.fetchrow(
         "SELECT object_uri, byte_offset, byte_length FROM log_index WHERE id = $1::uuid LIMIT 1", event_id
     )

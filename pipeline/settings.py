@@ -7,7 +7,7 @@ time. A bad value fails fast with one line naming the setting (`ConfigError`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,8 +38,12 @@ class Settings(BaseSettings):
     s3_endpoint_url: str = Field("", validation_alias=_env("OMNILOG_S3_ENDPOINT_URL"))
     s3_bucket: str = Field("omnilog", validation_alias=_env("OMNILOG_S3_BUCKET"), min_length=3, max_length=63)
     topic: str = Field("gateway.requests.v1", validation_alias=_env("OMNILOG_TOPIC"), min_length=1)
-    dlq_topic: str = Field("gateway.requests.v1.dlq", validation_alias=_env("OMNILOG_DLQ_TOPIC"), min_length=1)
-    consumer_group: str = Field("omnilog-ingest", validation_alias=_env("OMNILOG_CONSUMER_GROUP"), min_length=1)
+    dlq_topic: str = Field(
+        "gateway.requests.v1.dlq", validation_alias=_env("OMNILOG_DLQ_TOPIC"), min_length=1
+    )
+    consumer_group: str = Field(
+        "omnilog-ingest", validation_alias=_env("OMNILOG_CONSUMER_GROUP"), min_length=1
+    )
     metrics_port: int = Field(9400, validation_alias=_env("OMNILOG_METRICS_PORT"), ge=0, le=65535)
 
     aws_access_key_id: SecretStr | None = Field(None, validation_alias=_env("AWS_ACCESS_KEY_ID"))
@@ -128,7 +132,10 @@ def load_settings(env_file: str | Path | None = None, **overrides: object) -> Se
     if env_file is not None and not Path(env_file).is_file():
         raise ConfigError(f"--env-file: no such file: {env_file}")
     try:
-        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+        # `_env_file` is pydantic-settings' per-call override; its signature is not typed.
+        build: Any = Settings
+        settings: Settings = build(_env_file=env_file, **overrides)
+        return settings
     except ValidationError as exc:
         lines = []
         for err in exc.errors():

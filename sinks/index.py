@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Protocol
 
-import asyncpg
+from sinks.db import Connection
 
 if TYPE_CHECKING:
     from pipeline.event import ValidEvent
@@ -69,7 +69,7 @@ class BatchOutcome:
 class BatchExtension(Protocol):
     """Extra writes in the batch transaction, fed only the events seen for the first time."""
 
-    async def write(self, conn: asyncpg.Connection, new_events: Sequence[ValidEvent]) -> None: ...
+    async def write(self, conn: Connection, new_events: Sequence[ValidEvent]) -> None: ...
 
 
 LOG_INDEX_COLUMNS = (
@@ -142,7 +142,7 @@ def _row(item: IndexedEvent) -> tuple[object, ...]:
 
 
 async def commit_batch(
-    conn: asyncpg.Connection,
+    conn: Connection,
     *,
     consumer_group: str,
     topic: str,
@@ -192,7 +192,7 @@ async def commit_batch(
 
 
 async def load_offsets(
-    conn: asyncpg.Connection, consumer_group: str, topic: str, partitions: Sequence[int]
+    conn: Connection, consumer_group: str, topic: str, partitions: Sequence[int]
 ) -> dict[int, int]:
     rows = await conn.fetch(
         "SELECT partition, next_offset FROM ingest_offsets "
@@ -205,7 +205,7 @@ async def load_offsets(
 
 
 async def init_offsets(
-    conn: asyncpg.Connection, consumer_group: str, topic: str, starts: dict[int, int]
+    conn: Connection, consumer_group: str, topic: str, starts: dict[int, int]
 ) -> dict[int, int]:
     """Create rows for partitions never seen before, then return every partition's stored offset.
 

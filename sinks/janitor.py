@@ -17,8 +17,7 @@ from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING
 
-import asyncpg
-
+from sinks.db import Connection
 from sinks.objects import object_uri, parse_object_uri
 
 if TYPE_CHECKING:
@@ -35,7 +34,7 @@ async def _delete_keys(s3: S3Client, bucket: str, keys: Sequence[str]) -> None:
 
 
 async def sweep_orphans(
-    conn: asyncpg.Connection, s3: S3Client, bucket: str, grace: timedelta = timedelta(hours=6)
+    conn: Connection, s3: S3Client, bucket: str, grace: timedelta = timedelta(hours=6)
 ) -> list[str]:
     """Delete objects under `org/` older than `grace` that no committed batch recorded.
 
@@ -62,7 +61,7 @@ async def sweep_orphans(
     return orphans
 
 
-async def expire_objects(conn: asyncpg.Connection, s3: S3Client, before: date) -> int:
+async def expire_objects(conn: Connection, s3: S3Client, before: date) -> int:
     """Delete the objects (and ledger rows) of every date before `before`.
 
     Call after the index partitions of those dates are dropped.

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import asyncpg
 
+from sinks.db import Connection
 from sinks.partitions import TIME_PARTITIONED
 from sinks.timescale import CREATE_EXTENSION, Backend, detect_backend, hypertable_statements
 
@@ -48,7 +49,7 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 )
 """
 
-Probe = Callable[[asyncpg.Connection], Awaitable[Backend]]
+Probe = Callable[[Connection], Awaitable[Backend]]
 
 
 class MigrationError(Exception):
@@ -119,7 +120,7 @@ async def migrate(
 
 
 async def _apply_pending(
-    conn: asyncpg.Connection, migrations: list[Migration], retention_days: int, probe: Probe
+    conn: Connection, migrations: list[Migration], retention_days: int, probe: Probe
 ) -> list[str]:
     await conn.execute(_CREATE_LEDGER)
     rows = await conn.fetch("SELECT version, name, checksum, backend FROM schema_migrations ORDER BY version")

@@ -17,7 +17,7 @@ from datetime import date
 from typing import TYPE_CHECKING, Any
 
 import aioboto3
-from botocore.config import Config as BotoConfig
+from aiobotocore.config import AioConfig
 from isal import igzip
 
 if TYPE_CHECKING:
@@ -93,13 +93,13 @@ def s3_client(settings: Settings) -> AbstractAsyncContextManager[S3Client]:
     """An S3 client for the configured endpoint (empty endpoint: AWS) and credentials."""
     key = settings.aws_access_key_id
     secret = settings.aws_secret_access_key
-    return aioboto3.Session().client(  # type: ignore[no-any-return]
+    return aioboto3.Session().client(
         "s3",
         endpoint_url=settings.s3_endpoint_url or None,
         region_name=settings.aws_region,
         aws_access_key_id=key.get_secret_value() if key else None,
         aws_secret_access_key=secret.get_secret_value() if secret else None,
-        config=BotoConfig(
+        config=AioConfig(
             # Self-hosted S3 (SeaweedFS, MinIO) wants path-style addressing; AWS prefers virtual hosts.
             s3={"addressing_style": "path"} if settings.s3_endpoint_url else {},
             retries={"max_attempts": 3, "mode": "standard"},

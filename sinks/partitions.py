@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Literal
 
-import asyncpg
-
 from sinks import timescale
+from sinks.db import Connection
 
 Period = Literal["day", "month"]
 
@@ -142,7 +141,7 @@ LEFT JOIN pg_inherits i ON i.inhrelid = c.oid
 """
 
 
-async def _inspect(conn: asyncpg.Connection, spec: TimePartitioned) -> _TableState:
+async def _inspect(conn: Connection, spec: TimePartitioned) -> _TableState:
     rows = await conn.fetch(_INSPECT, spec.table, spec.name_pattern())
     if not rows:
         raise PartitionError(f"table {spec.table} does not exist: run `omnilog migrate` first")
@@ -173,7 +172,7 @@ def _utc_date(value: date) -> date:
     return value
 
 
-def _require_autocommit(conn: asyncpg.Connection, what: str) -> None:
+def _require_autocommit(conn: Connection, what: str) -> None:
     # Creating a partition inside a batch transaction would hold its locks until the batch
     # commits and could deadlock two workers; dropping concurrently cannot run in a transaction.
     if conn.is_in_transaction():
@@ -181,7 +180,7 @@ def _require_autocommit(conn: asyncpg.Connection, what: str) -> None:
 
 
 async def ensure_day_partitions(
-    conn: asyncpg.Connection,
+    conn: Connection,
     table: str,
     days: Iterable[date],
     cache: PartitionCache | None = None,
@@ -223,7 +222,7 @@ SELECT EXISTS (
 """
 
 
-async def _create_one(conn: asyncpg.Connection, spec: TimePartitioned, start: date) -> bool:
+async def _create_one(conn: Connection, spec: TimePartitioned, start: date) -> bool:
     name = spec.partition_name(start)
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", PARTITION_LOCK_CLASS, spec.table)
@@ -241,7 +240,7 @@ def _today() -> date:
 
 
 async def create_ahead(
-    conn: asyncpg.Connection,
+    conn: Connection,
     days_ahead: int = DEFAULT_DAYS_AHEAD,
     *,
     today: date | None = None,
@@ -255,9 +254,7 @@ async def create_ahead(
     return {table: await ensure_day_partitions(conn, table, days, cache) for table in TIME_PARTITIONED}
 
 
-async def drop_expired(
-    conn: asyncpg.Connection, retention_days: int, *, today: date | None = None
-) -> list[date]:
+async def drop_expired(conn: Connection, retention_days: int, *, today: date | None = None) -> list[date]:
     """Drop partitions that lie entirely before today − retention; return the dropped days.
 
     The returned days (of the day-partitioned tables: the index and usage rows) are the dates whose
@@ -287,7 +284,7 @@ async def drop_expired(
 
 
 async def _drop_partitions(
-    conn: asyncpg.Connection, spec: TimePartitioned, state: _TableState, cutoff: date
+    conn: Connection, spec: TimePartitioned, state: _TableState, cutoff: date
 ) -> list[date]:
     expired_attached = sorted(s for s in state.attached if spec.period_end(s) <= cutoff)
     expired_detached = sorted(s for s in state.detached if spec.period_end(s) <= cutoff)

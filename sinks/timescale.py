@@ -12,7 +12,7 @@ import enum
 from datetime import UTC, date, datetime, time, timedelta
 from typing import TYPE_CHECKING
 
-import asyncpg
+from sinks.db import Connection
 
 if TYPE_CHECKING:
     from sinks.partitions import TimePartitioned
@@ -43,7 +43,7 @@ def choose_backend(available: bool, installed: bool, preload: str) -> Backend:
     return Backend.TIMESCALEDB if available and preloaded else Backend.NATIVE
 
 
-async def detect_backend(conn: asyncpg.Connection) -> Backend:
+async def detect_backend(conn: Connection) -> Backend:
     row = await conn.fetchrow(_PROBE)
     assert row is not None
     return choose_backend(bool(row["available"]), bool(row["installed"]), str(row["preload"] or ""))
@@ -99,7 +99,7 @@ WHERE hypertable_name = $1 AND range_end <= $2
 DROP_CHUNKS = "SELECT drop_chunks($1::regclass, older_than => $2::timestamptz)"
 
 
-async def drop_chunks_before(conn: asyncpg.Connection, table: str, cutoff: date) -> list[date]:
+async def drop_chunks_before(conn: Connection, table: str, cutoff: date) -> list[date]:
     """Drop the chunks entirely before `cutoff` (UTC midnight); return the days they covered."""
     limit = datetime.combine(cutoff, time(), tzinfo=UTC)
     rows = await conn.fetch(CHUNKS_BEFORE, table, limit)

@@ -18,13 +18,14 @@ from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 
 import asyncpg
-from pipeline import failpoints
 from pipeline.event import InvalidEvent, ValidationPolicy, ValidEvent, validate_event
 from tenacity import AsyncRetrying, retry_if_not_exception_type, wait_random_exponential
 
 from consumers.ingest.batch import Batch
 from consumers.ingest.dlq import DeadLetter, DeadLetterLimit, send_dead_letters
+from pipeline import failpoints
 from pipeline.metrics import WorkerMetrics
+from sinks.db import Connection
 from sinks.index import (
     BatchExtension,
     BatchOutcome,
@@ -79,7 +80,7 @@ class FlushContext:
     retry_max_s: float
     dlq_limit: DeadLetterLimit
     extensions: Sequence[BatchExtension] = ()
-    ensure_partitions: Callable[[asyncpg.Connection, set[date]], Awaitable[None]] | None = None
+    ensure_partitions: Callable[[Connection, set[date]], Awaitable[None]] | None = None
     on_dependency: Callable[[str, bool], None] = lambda name, ok: None
 
 

@@ -26,7 +26,6 @@ from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from pipeline import failpoints
 from pipeline.event import ValidationPolicy
 from prometheus_client import CollectorRegistry
 from tenacity import AsyncRetrying, wait_random_exponential
@@ -35,14 +34,16 @@ from consumers.ingest.batch import Batch, BatchBuffer, BatchLimits
 from consumers.ingest.dlq import DeadLetterLimit, DeadLetterLimitExceeded
 from consumers.ingest.flush import FlushContext, FlushReport, flush
 from consumers.ingest.health import HealthServer
+from pipeline import failpoints
 from pipeline.metrics import WorkerMetrics
 from pipeline.settings import Settings
+from sinks.db import Connection
 from sinks.index import BatchExtension, Fenced, init_offsets, load_offsets
 from sinks.objects import ObjectWriter, s3_client
 
 log = logging.getLogger("omnilog.worker")
 
-EnsurePartitions = Callable[[asyncpg.Connection, set[date]], Awaitable[None]]
+EnsurePartitions = Callable[[Connection, set[date]], Awaitable[None]]
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
