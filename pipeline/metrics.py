@@ -14,7 +14,22 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 FLUSH_STAGES: Final = ("decode", "encode", "upload", "dlq", "postgres", "kafka_commit")
 
 _LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-_FRESHNESS_BUCKETS: Final = (0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0)
+_FRESHNESS_BUCKETS: Final = (
+    0.5,
+    1.0,
+    2.0,
+    3.0,
+    5.0,
+    7.5,
+    10.0,
+    15.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    900.0,
+    3600.0,
+)
 _SIZE_BUCKETS: Final = tuple(float(2**k) for k in range(10, 28, 2))  # 1 KiB .. 128 MiB
 _COUNT_BUCKETS: Final = (1, 10, 50, 100, 500, 1000, 2500, 5000, 10000, 25000, 50000)
 
@@ -28,7 +43,9 @@ class WorkerMetrics:
             "omnilog_events_consumed_total", "Kafka messages consumed from the input topic", registry=registry
         )
         self.events_indexed = Counter(
-            "omnilog_events_indexed_total", "Events indexed in log_index for the first time", registry=registry
+            "omnilog_events_indexed_total",
+            "Events indexed in log_index for the first time",
+            registry=registry,
         )
         self.events_duplicate = Counter(
             "omnilog_events_duplicate_total",
@@ -45,10 +62,15 @@ class WorkerMetrics:
             "omnilog_objects_written_total", "Objects uploaded to object storage", registry=registry
         )
         self.object_bytes_written = Counter(
-            "omnilog_object_bytes_written_total", "Compressed bytes uploaded to object storage", registry=registry
+            "omnilog_object_bytes_written_total",
+            "Compressed bytes uploaded to object storage",
+            registry=registry,
         )
         self.object_size_bytes = Histogram(
-            "omnilog_object_size_bytes", "Size of each uploaded object", buckets=_SIZE_BUCKETS, registry=registry
+            "omnilog_object_size_bytes",
+            "Size of each uploaded object",
+            buckets=_SIZE_BUCKETS,
+            registry=registry,
         )
         self.flush_stage_duration = Histogram(
             "omnilog_flush_stage_duration_seconds",
@@ -94,10 +116,14 @@ class WorkerMetrics:
             registry=registry,
         )
         self.inflight_bytes = Gauge(
-            "omnilog_inflight_bytes", "Message bytes held by the worker and not yet committed", registry=registry
+            "omnilog_inflight_bytes",
+            "Message bytes held by the worker and not yet committed",
+            registry=registry,
         )
         self.ready = Gauge(
-            "omnilog_worker_ready", "1 when the worker is consuming and its dependencies answer", registry=registry
+            "omnilog_worker_ready",
+            "1 when the worker is consuming and its dependencies answer",
+            registry=registry,
         )
         self.dependency_up = Gauge(
             "omnilog_dependency_up",
