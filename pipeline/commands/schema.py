@@ -1,0 +1,13 @@
+"""`omnilog schema`: print the JSON Schema of the gateway request event (CONTRACT §1)."""
+
+from __future__ import annotations
+
+import click
+
+from pipeline.event import schema_text
+
+
+@click.command(name="schema")
+def command() -> None:
+    """Print the JSON Schema (draft 2020-12) of the gateway request event, version 1."""
+    click.echo(schema_text(), nl=False)
