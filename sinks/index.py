@@ -67,9 +67,16 @@ class BatchOutcome:
 
 
 class BatchExtension(Protocol):
-    """Extra writes in the batch transaction, fed only the events seen for the first time."""
+    """Extra writes in the batch transaction, fed only the events seen for the first time.
 
-    async def write(self, conn: Connection, new_events: Sequence[ValidEvent]) -> None: ...
+    `source_partition` is one partition of the batch; the writing worker owns it (the offset
+    compare-and-set earlier in the same transaction proved that), so rows keyed by it are never
+    written by two live workers at once.
+    """
+
+    async def write(
+        self, conn: Connection, new_events: Sequence[ValidEvent], source_partition: int
+    ) -> None: ...
 
 
 LOG_INDEX_COLUMNS = (
@@ -184,7 +191,7 @@ async def commit_batch(
             )
         if new_events:
             for extension in extensions:
-                await extension.write(conn, new_events)
+                await extension.write(conn, new_events, ranges[0].partition)
         committed_at = await conn.fetchval("SELECT clock_timestamp()")
     return BatchOutcome(
         new_events=new_events, duplicates=len(indexed) - len(new_events), committed_at=committed_at
