@@ -319,8 +319,9 @@ def _event(obj: dict[str, Any], value: bytes, now: datetime, policy: ValidationP
             f"started_at: {started_at.isoformat()} is outside [{low.isoformat()}, {high.isoformat()}]",
         )
 
-    # JSON Lines holds one event per line: a pretty-printed value is stored compact.
-    line = orjson.dumps(obj) if b"\n" in value or b"\r" in value else value
+    # JSON Lines holds one event per line: a pretty-printed value is stored compact. (An int
+    # needle makes `in` a plain memchr: several times faster than a bytes needle.)
+    line = orjson.dumps(obj) if 10 in value or 13 in value else value
     return ValidEvent(
         line,
         event_id,
