@@ -1,0 +1,206 @@
+"""PostgreSQL from the distribution binaries: initdb, a loopback-only trust setup, probes."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import stat
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+
+import asyncpg
+
+from pipeline.stack.binaries import BinaryNotFoundError, postgres_bindir
+from pipeline.stack.blocking import run_blocking
+from pipeline.stack.errors import StackError
+from pipeline.stack.ports import HOST
+from pipeline.stack.procs import RunAs, run
+from pipeline.stack.service import Service
+
+SUPERUSER = "omnilog"
+DATABASE = "omnilog"
+MAX_CONNECTIONS = 200
+# A unix socket path longer than this cannot be bound (sun_path is 108 bytes).
+_MAX_SOCKET_PATH = 100
+
+_HBA = f"""\
+# Written by `omnilog stack`: trust, loopback and this stack's own socket dir only.
+local all all trust
+host  all all {HOST}/32 trust
+"""
+
+
+class StackSetupError(StackError):
+    """The local environment cannot host the stack (e.g. no account to run PostgreSQL as)."""
+
+
+def database_url(port: int, database: str = DATABASE) -> str:
+    return f"postgresql://{SUPERUSER}@{HOST}:{port}/{database}"
+
+
+def _account() -> RunAs | None:
+    """Who runs PostgreSQL: ourselves, or (as root, which postgres refuses) an unprivileged user."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "omnilog-pg"):
+        try:
+            entry = pwd.getpwnam(name)
+            return RunAs(name, entry.pw_uid, entry.pw_gid)
+        except KeyError:
+            continue
+    useradd = shutil.which("useradd")
+    if useradd is None:
+        raise StackSetupError(
+            "running as root, and neither a 'postgres' user nor useradd to create one exists; "
+            "create an unprivileged user named 'postgres' or run as a normal user"
+        )
+    subprocess.run(
+        [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "omnilog-pg"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    entry = pwd.getpwnam("omnilog-pg")
+    return RunAs("omnilog-pg", entry.pw_uid, entry.pw_gid)
+
+
+def _grant_traversal(path: Path, account: RunAs) -> list[Path]:
+    """Give `account` search (x) permission on every ancestor of `path` that denies it.
+
+    pytest's temp dirs (/tmp/pytest-of-root, 0700) are the usual case. Only the x bit for
+    "other" is added: it lets the account pass through by exact name, not list the directory.
+    """
+    groups = set(os.getgrouplist(account.name, account.gid))
+    changed: list[Path] = []
+    for directory in reversed(path.resolve().parents):
+        st = directory.stat()
+        if st.st_uid == account.uid:
+            allowed = bool(st.st_mode & stat.S_IXUSR)
+        elif st.st_gid in groups:
+            allowed = bool(st.st_mode & stat.S_IXGRP)
+        else:
+            allowed = bool(st.st_mode & stat.S_IXOTH)
+        if not allowed:
+            directory.chmod(stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
+            changed.append(directory)
+    return changed
+
+
+class Postgres(Service):
+    name = "postgres"
+    port_names = ("port",)
+    # SIGINT is PostgreSQL's "fast" shutdown: it does not wait for clients to disconnect.
+    stop_signal = signal.SIGINT
+    stop_timeout = 30.0
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.datadir = root / "pg"
+        self.socket_dir = root / "run"
+        self._bindir: Path | None = None
+        self._account: RunAs | None = None
+        self._account_known = False
+
+    @property
+    def bindir(self) -> Path:
+        if self._bindir is None:
+            self._bindir = postgres_bindir()
+        return self._bindir
+
+    def run_as(self) -> RunAs | None:
+        if not self._account_known:
+            self._account = _account()
+            self._account_known = True
+        return self._account
+
+    def prepare(self) -> None:
+        bindir = self.bindir  # fail early, naming the missing binaries
+        account = self.run_as()
+        for directory in (self.datadir, self.socket_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+            if account is not None:
+                os.chown(directory, account.uid, account.gid)
+            directory.chmod(0o700)
+        if account is not None:
+            _grant_traversal(self.datadir, account)
+        if (self.datadir / "PG_VERSION").exists():
+            return
+        initdb = bindir / "initdb"
+        run(
+            [
+                str(initdb),
+                "--pgdata",
+                str(self.datadir),
+                "--username",
+                SUPERUSER,
+                "--auth",
+                "trust",
+                "--encoding",
+                "UTF8",
+                "--locale",
+                "C",
+                # Skipping the final fsync saves seconds; a machine crash during initdb of a
+                # throwaway dev cluster is an acceptable risk.
+                "--no-sync",
+            ],
+            run_as=account,
+            log_path=self.log_path,
+        )
+        hba = self.datadir / "pg_hba.conf"
+        hba.write_text(_HBA)
+        if account is not None:
+            os.chown(hba, account.uid, account.gid)
+
+    def argv(self, ports: Mapping[str, int]) -> list[str]:
+        socket_dir = str(self.socket_dir) if len(str(self.socket_dir)) < _MAX_SOCKET_PATH else ""
+        settings = {
+            "listen_addresses": HOST,
+            "unix_socket_directories": socket_dir,
+            "max_connections": str(MAX_CONNECTIONS),
+            "logging_collector": "off",
+        }
+        argv = [str(self.bindir / "postgres"), "-D", str(self.datadir), "-p", str(ports["port"])]
+        for key, value in settings.items():
+            argv += ["-c", f"{key}={value}"]
+        return argv
+
+    def env(self) -> dict[str, str]:
+        # Keep the caller's PG* variables (PGDATABASE, PGOPTIONS ...) away from the server.
+        return {k: v for k, v in os.environ.items() if not k.startswith("PG")} | {"LC_ALL": "C"}
+
+    def probe(self, ports: Mapping[str, int], timeout: float) -> None:
+        run_blocking(lambda: _select_one(database_url(ports["port"], "postgres"), timeout))
+
+    def after_healthy(self, ports: Mapping[str, int]) -> None:
+        run_blocking(lambda: _ensure_database(ports["port"], DATABASE))
+        run_blocking(lambda: _select_one(database_url(ports["port"]), 10.0))
+
+    def purge(self) -> None:
+        shutil.rmtree(self.datadir, ignore_errors=True)
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+
+async def _select_one(url: str, timeout: float) -> None:
+    conn = await asyncpg.connect(url, timeout=timeout)
+    try:
+        value = await conn.fetchval("select 1", timeout=timeout)
+    finally:
+        await conn.close(timeout=timeout)
+    if value != 1:
+        raise RuntimeError(f"select 1 returned {value!r}")
+
+
+async def _ensure_database(port: int, name: str) -> None:
+    conn = await asyncpg.connect(database_url(port, "postgres"), timeout=10)
+    try:
+        exists = await conn.fetchval("select 1 from pg_database where datname = $1", name)
+        if not exists:
+            await conn.execute(f'create database "{name}"')
+    finally:
+        await conn.close()
+
+
+__all__ = ["DATABASE", "SUPERUSER", "BinaryNotFoundError", "Postgres", "StackSetupError", "database_url"]

@@ -1,0 +1,94 @@
+"""Shared fixtures. The ONLY place that starts the embedded stack for the test session.
+
+- `stack_info` (session): a running stack in a temp root, torn down (purged) at the end.
+- `stack` (function): the same `Stack`, for tests that stop/start services (outages); anything
+  a test left stopped is started again after it, so later tests always get a whole stack.
+- `fresh_database_url` (function): a new, empty database on the stack's server, dropped after.
+- `make_settings` (function): `Settings` for the stack with a unique topic, DLQ topic, consumer
+  group and bucket per call, so tests never see each other's data.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline.settings import Settings, load_settings
+from pipeline.stack import Stack, StackInfo, create_database, drop_database
+from pipeline.stack.s3 import S3Credentials, ensure_bucket
+
+_INTEGRATION_DIR = Path(__file__).parent / "integration"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Everything under tests/integration needs the stack: mark it, so `-m "not integration"` works."""
+    for item in items:
+        if _INTEGRATION_DIR in Path(str(item.fspath)).parents and item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def _session_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    stack = Stack(tmp_path_factory.mktemp("omnilog-stack"))
+    try:
+        stack.up()
+        yield stack
+    finally:
+        stack.down(purge=True)
+
+
+@pytest.fixture(scope="session")
+def stack_info(_session_stack: Stack) -> StackInfo:
+    return _session_stack.info()
+
+
+@pytest.fixture
+def stack(_session_stack: Stack) -> Iterator[Stack]:
+    yield _session_stack
+    # A test that simulated an outage and failed midway must not leave it to the next test.
+    _session_stack.up()
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def fresh_database_url(stack_info: StackInfo) -> Iterator[str]:
+    name = _unique("t_")
+    url = create_database(stack_info, name)
+    yield url
+    drop_database(stack_info, name)
+
+
+def _alias(name: str) -> str:
+    """Settings only accept their environment names (populate_by_name=False): map field names."""
+    field = Settings.model_fields.get(name)
+    alias = getattr(field.validation_alias, "choices", [None])[0] if field else None
+    return alias if isinstance(alias, str) else name
+
+
+@pytest.fixture
+def make_settings(stack_info: StackInfo) -> Callable[..., Settings]:
+    """`make_settings(batch_max_events=100, database_url=...)`: field or env names both work."""
+    credentials = S3Credentials(stack_info.aws_access_key_id, stack_info.aws_secret_access_key)
+    s3_port = int(stack_info.s3_endpoint_url.rsplit(":", 1)[1])
+
+    def build(**overrides: object) -> Settings:
+        suffix = uuid.uuid4().hex[:12]
+        values: dict[str, object] = {
+            **stack_info.env(),
+            "OMNILOG_TOPIC": f"test.{suffix}",
+            "OMNILOG_DLQ_TOPIC": f"test.{suffix}.dlq",
+            "OMNILOG_CONSUMER_GROUP": f"test-{suffix}",
+            "OMNILOG_S3_BUCKET": f"test-{suffix}",
+        }
+        values.update({_alias(key): value for key, value in overrides.items()})
+        settings = load_settings(**values)
+        ensure_bucket(s3_port, credentials, settings.s3_bucket)
+        return settings
+
+    return build
