@@ -26,7 +26,10 @@ _INTEGRATION_DIR = Path(__file__).parent / "integration"
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Everything under tests/integration needs the stack: mark it, so `-m "not integration"` works."""
     for item in items:
-        if _INTEGRATION_DIR in Path(str(item.fspath)).parents and item.get_closest_marker("integration") is None:
+        if (
+            _INTEGRATION_DIR in Path(str(item.fspath)).parents
+            and item.get_closest_marker("integration") is None
+        ):
             item.add_marker(pytest.mark.integration)
 
 

@@ -33,12 +33,22 @@ def command() -> None:
 @command.command()
 @_root_option
 @click.option("--bucket", default="omnilog", show_default=True, help="S3 bucket to create.")
-@click.option("--pg-port", type=click.IntRange(1, 65535), default=None, help="PostgreSQL port [default: a free one].")
-@click.option("--kafka-port", type=click.IntRange(1, 65535), default=None, help="Kafka port [default: a free one].")
-@click.option("--s3-port", type=click.IntRange(1, 65535), default=None, help="S3 API port [default: a free one].")
-def up(root: Path | None, bucket: str, pg_port: int | None, kafka_port: int | None, s3_port: int | None) -> None:
+@click.option(
+    "--pg-port", type=click.IntRange(1, 65535), default=None, help="PostgreSQL port [default: a free one]."
+)
+@click.option(
+    "--kafka-port", type=click.IntRange(1, 65535), default=None, help="Kafka port [default: a free one]."
+)
+@click.option(
+    "--s3-port", type=click.IntRange(1, 65535), default=None, help="S3 API port [default: a free one]."
+)
+def up(
+    root: Path | None, bucket: str, pg_port: int | None, kafka_port: int | None, s3_port: int | None
+) -> None:
     """Start the stack (only what is not running) and wait until every service answers."""
-    stack = Stack(root or default_root(), bucket=bucket, pg_port=pg_port, kafka_port=kafka_port, s3_port=s3_port)
+    stack = Stack(
+        root or default_root(), bucket=bucket, pg_port=pg_port, kafka_port=kafka_port, s3_port=s3_port
+    )
     started_at = time.monotonic()
     try:
         result = stack.ensure_up()

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from pipeline.stack.binaries import tansu_binary
 from pipeline.stack.blocking import run_blocking
-from pipeline.stack.ports import HOST
+from pipeline.stack.ports import HOST, is_listening
 from pipeline.stack.service import ProbeFailedError, Service
 
 CLUSTER_ID = "omnilog-local"
@@ -55,19 +55,22 @@ class Kafka(Service):
 
     def probe(self, ports: Mapping[str, int], timeout: float) -> None:
         port = ports["port"]
-        brokers = run_blocking(lambda: _metadata_brokers(bootstrap_servers(port), timeout))
+        # The client logs every refused connection as an error: knock first while it starts.
+        if not is_listening(port):
+            raise ProbeFailedError(f"nothing listens on {HOST}:{port} yet")
+        brokers = run_blocking(lambda: _metadata_brokers(bootstrap_servers(port), request_timeout=timeout))
         if (HOST, port) not in brokers:
             raise ProbeFailedError(f"broker advertises {sorted(brokers)}, expected {HOST}:{port}")
 
 
-async def _metadata_brokers(bootstrap: str, timeout: float) -> set[tuple[str, int]]:
+async def _metadata_brokers(bootstrap: str, *, request_timeout: float) -> set[tuple[str, int]]:
     """A real Metadata round trip through the client the pipeline itself uses."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(
         bootstrap_servers=bootstrap,
-        request_timeout_ms=int(timeout * 1000),
-        connections_max_idle_ms=int(timeout * 1000) + 1000,
+        request_timeout_ms=int(request_timeout * 1000),
+        connections_max_idle_ms=int(request_timeout * 1000) + 1000,
         client_id="omnilog-stack-probe",
     )
     await admin.start()

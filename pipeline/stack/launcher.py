@@ -16,10 +16,10 @@ from pipeline.stack import kafka, postgres, s3
 from pipeline.stack import state as state_file
 from pipeline.stack.errors import StackError
 from pipeline.stack.info import ServiceStatus, StackInfo
-from pipeline.stack.ports import free_ports, port_is_free, require_free
+from pipeline.stack.ports import port_is_free, require_free
 from pipeline.stack.procs import exited, is_alive, log_tail, spawn, stop
 from pipeline.stack.service import Service
-from pipeline.stack.state import ServiceState, StackState
+from pipeline.stack.state import StackState
 
 SERVICES = ("postgres", "kafka", "s3")
 ENV_FILE = "stack.env"
@@ -108,7 +108,7 @@ class Stack:
                 continue
             try:
                 self._service(st, name).probe(svc.ports, timeout=3.0)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any probe failure means "unhealthy"
                 result.append(ServiceStatus(name, record.pid, port, False, f"unhealthy: {_one_line(exc)}"))
             else:
                 result.append(ServiceStatus(name, record.pid, port, True, "healthy"))
@@ -242,8 +242,7 @@ class Stack:
         if explicit is not None:
             chosen["port"] = explicit
             needed.remove("port")
-        picks = free_ports(len(needed), avoid=taken | set(chosen.values()))
-        chosen.update(zip(needed, picks, strict=True))
+        chosen.update(service.pick_ports(needed, avoid=taken | set(chosen.values())))
         return chosen
 
     def _wait_healthy(self, st: StackState, name: str, service: Service, timeout: float) -> None:
@@ -262,7 +261,7 @@ class Stack:
             try:
                 service.probe(svc.ports, timeout=min(5.0, max(0.5, deadline - time.monotonic())))
                 return
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any probe failure means "not healthy yet"
                 last_error = _one_line(exc)
             if time.monotonic() >= deadline:
                 raise ServiceStartError(

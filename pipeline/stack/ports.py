@@ -51,6 +51,16 @@ def free_ports(count: int, avoid: set[int] | None = None) -> list[int]:
     return ports
 
 
+def free_port_pair(offset: int, avoid: set[int]) -> int:
+    """A free port `p` such that `p + offset` is free too (for servers that derive one from the other)."""
+    for _ in range(200):
+        (port,) = free_ports(1, avoid)
+        if port + offset <= 65535 and port + offset not in avoid and port_is_free(port + offset):
+            return port
+        avoid = avoid | {port}
+    raise OSError(f"no free port pair (p, p+{offset}) found on {HOST}")
+
+
 def require_free(port: int, service: str) -> None:
     if not port_is_free(port):
         raise PortInUseError(f"{service}: port {port} on {HOST} is already in use by another process")

@@ -172,23 +172,23 @@ class Postgres(Service):
         return {k: v for k, v in os.environ.items() if not k.startswith("PG")} | {"LC_ALL": "C"}
 
     def probe(self, ports: Mapping[str, int], timeout: float) -> None:
-        run_blocking(lambda: _select_one(database_url(ports["port"], "postgres"), timeout))
+        run_blocking(lambda: _select_one(database_url(ports["port"], "postgres"), connect_timeout=timeout))
 
     def after_healthy(self, ports: Mapping[str, int]) -> None:
         run_blocking(lambda: _ensure_database(ports["port"], DATABASE))
-        run_blocking(lambda: _select_one(database_url(ports["port"]), 10.0))
+        run_blocking(lambda: _select_one(database_url(ports["port"]), connect_timeout=10.0))
 
     def purge(self) -> None:
         shutil.rmtree(self.datadir, ignore_errors=True)
         shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
-async def _select_one(url: str, timeout: float) -> None:
-    conn = await asyncpg.connect(url, timeout=timeout)
+async def _select_one(url: str, *, connect_timeout: float) -> None:
+    conn = await asyncpg.connect(url, timeout=connect_timeout)
     try:
-        value = await conn.fetchval("select 1", timeout=timeout)
+        value = await conn.fetchval("select 1", timeout=connect_timeout)
     finally:
-        await conn.close(timeout=timeout)
+        await conn.close(timeout=connect_timeout)
     if value != 1:
         raise RuntimeError(f"select 1 returned {value!r}")
 

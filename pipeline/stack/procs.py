@@ -6,6 +6,7 @@ other process is never signalled.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -110,10 +111,8 @@ def stop(record: ProcessRecord, first_signal: signal.Signals, timeout: float) ->
         _reap(record.pid)
         return
     if not _wait_gone(record, timeout):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(record.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         _wait_gone(record, 10.0)
     _reap(record.pid)
 

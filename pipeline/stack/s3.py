@@ -6,15 +6,31 @@ import json
 import os
 import shutil
 from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+import aioboto3
+from aiobotocore.config import AioConfig
+from botocore.exceptions import ClientError
 
 from pipeline.stack.binaries import weed_binary
-from pipeline.stack.ports import HOST
+from pipeline.stack.blocking import run_blocking
+from pipeline.stack.ports import HOST, free_port_pair, free_ports
 from pipeline.stack.service import Service
 
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
 REGION = "us-east-1"
+# weed mini's maintenance worker dials the admin server at its HTTP port + 10000, whatever
+# -admin.port.grpc says: keep that convention so the worker reaches our own admin server.
+_ADMIN_GRPC_OFFSET = 10000
+# Every bucket is a SeaweedFS collection with volumes of its own; the automatic limit (free
+# disk / 1 GiB volume size) can be under 100, and the tests create a bucket per case.
+# Volumes are not preallocated, so a high limit costs nothing until written.
+_MAX_VOLUMES = 2000
 
 
 @dataclass(frozen=True)
@@ -27,18 +43,14 @@ def endpoint_url(port: int) -> str:
     return f"http://{HOST}:{port}"
 
 
-def s3_client(port: int, credentials: S3Credentials, timeout: float = 5.0) -> Any:
-    """A plain boto3 client for the stack (probes, bucket setup, tests)."""
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client(
+def _client(port: int, credentials: S3Credentials, timeout: float) -> AbstractAsyncContextManager[S3Client]:
+    return aioboto3.Session().client(
         "s3",
         endpoint_url=endpoint_url(port),
         aws_access_key_id=credentials.access_key_id,
         aws_secret_access_key=credentials.secret_access_key,
         region_name=REGION,
-        config=Config(
+        config=AioConfig(
             connect_timeout=timeout,
             read_timeout=timeout,
             retries={"max_attempts": 1},
@@ -47,17 +59,25 @@ def s3_client(port: int, credentials: S3Credentials, timeout: float = 5.0) -> An
     )
 
 
-def ensure_bucket(port: int, credentials: S3Credentials, bucket: str) -> None:
-    from botocore.exceptions import ClientError
+async def _list_buckets(port: int, credentials: S3Credentials, *, request_timeout: float) -> None:
+    async with _client(port, credentials, request_timeout) as client:
+        await client.list_buckets()
 
-    client = s3_client(port, credentials)
-    try:
-        client.head_bucket(Bucket=bucket)
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") not in {"404", "NoSuchBucket", "NotFound"}:
-            raise
-        client.create_bucket(Bucket=bucket)
-        client.head_bucket(Bucket=bucket)
+
+async def _ensure_bucket(port: int, credentials: S3Credentials, bucket: str) -> None:
+    async with _client(port, credentials, 10.0) as client:
+        try:
+            await client.head_bucket(Bucket=bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in {"404", "NoSuchBucket", "NotFound"}:
+                raise
+            await client.create_bucket(Bucket=bucket)
+            await client.head_bucket(Bucket=bucket)
+
+
+def ensure_bucket(port: int, credentials: S3Credentials, bucket: str) -> None:
+    """Create `bucket` on the stack's S3 unless it exists (signed with the stack's identity)."""
+    run_blocking(lambda: _ensure_bucket(port, credentials, bucket))
 
 
 class SeaweedS3(Service):
@@ -85,6 +105,15 @@ class SeaweedS3(Service):
         self.credentials = credentials
         self.datadir = root / "s3"
         self.identities = root / "s3-identities.json"
+
+    def pick_ports(self, names: list[str], avoid: set[int]) -> dict[str, int]:
+        chosen: dict[str, int] = {}
+        if "admin" in names:
+            admin = free_port_pair(_ADMIN_GRPC_OFFSET, avoid)
+            chosen = {"admin": admin, "admin_grpc": admin + _ADMIN_GRPC_OFFSET}
+        rest = [name for name in names if name not in chosen]
+        chosen.update(zip(rest, free_ports(len(rest), avoid | set(chosen.values())), strict=True))
+        return chosen
 
     def prepare(self) -> None:
         weed_binary()
@@ -125,6 +154,7 @@ class SeaweedS3(Service):
             "admin.port.grpc": ports["admin_grpc"],
             "admin.ui": "false",
             "webdav": "false",
+            "volume.max": _MAX_VOLUMES,
             "s3.port.iceberg": 0,
             "s3.port.lance": 0,
             # Never phone home from a test machine.
@@ -139,8 +169,8 @@ class SeaweedS3(Service):
         return {k: v for k, v in os.environ.items() if not k.startswith(("S3_", "AWS_"))}
 
     def probe(self, ports: Mapping[str, int], timeout: float) -> None:
-        client = s3_client(ports["port"], self.credentials, timeout)
-        client.list_buckets()
+        # A signed request: proves the API is up AND that our identity file was loaded.
+        run_blocking(lambda: _list_buckets(ports["port"], self.credentials, request_timeout=timeout))
 
     def after_healthy(self, ports: Mapping[str, int]) -> None:
         ensure_bucket(ports["port"], self.credentials, self.bucket)

@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
 
+from pipeline.stack.ports import free_ports
 from pipeline.stack.procs import RunAs
 
 
@@ -37,8 +38,13 @@ class Service(ABC):
     def run_as(self) -> RunAs | None:
         return None
 
+    def pick_ports(self, names: list[str], avoid: set[int]) -> dict[str, int]:
+        """Free ports for `names` (the client port may already be fixed by the caller)."""
+        return dict(zip(names, free_ports(len(names), avoid), strict=True))
+
     def prepare(self) -> None:
         """Create data dirs / config files; safe to call before every start."""
+        return None
 
     @abstractmethod
     def argv(self, ports: Mapping[str, int]) -> list[str]: ...
@@ -52,6 +58,8 @@ class Service(ABC):
 
     def after_healthy(self, ports: Mapping[str, int]) -> None:
         """One-off setup that needs the running server (database, bucket)."""
+        return None
 
     def purge(self) -> None:
         """Remove this service's data."""
+        return None

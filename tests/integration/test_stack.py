@@ -8,17 +8,19 @@ import os
 import socket
 import stat
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+import boto3
 import psutil
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
+from botocore.config import Config
 from click.testing import CliRunner, Result
 
 from pipeline.cli import cli
 from pipeline.settings import Settings
 from pipeline.stack import Stack, StackInfo
-from pipeline.stack.s3 import S3Credentials, s3_client
 
 pytestmark = pytest.mark.integration
 
@@ -51,9 +53,16 @@ async def kafka_brokers(bootstrap: str) -> list[tuple[str, int]]:
     return [(b["host"], b["port"]) for b in cluster["brokers"]]
 
 
-def s3_for(env: dict[str, str]):  # type: ignore[no-untyped-def]
-    port = int(env["OMNILOG_S3_ENDPOINT_URL"].rsplit(":", 1)[1])
-    return s3_client(port, S3Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]))
+def s3_for(env: dict[str, str]) -> Any:
+    """A plain boto3 client configured only from the stack's environment variables."""
+    return boto3.client(
+        "s3",
+        endpoint_url=env["OMNILOG_S3_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_REGION"],
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+    )
 
 
 def holds_listener() -> socket.socket:
