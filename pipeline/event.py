@@ -166,9 +166,10 @@ def _decode_failure(value: bytes, exc: orjson.JSONDecodeError) -> InvalidEvent:
 
 
 def validate_event(value: bytes | None, now: datetime, policy: ValidationPolicy) -> ValidEvent | InvalidEvent:
-    """Validate one Kafka message value at `now` (tz-aware: the batch's clock reading) under `policy`.
+    """Validate one Kafka message value at `now` (tz-aware) under `policy`.
 
-    Never raises for any input bytes; the result says why an event is invalid.
+    Pass the same `now` object for a whole batch: the accepted time window is then computed once.
+    Never raises for any input bytes; an `InvalidEvent` says why (its `reason` is a metric label).
     """
     if value is None:
         return InvalidEvent("not_json", "value is null (a tombstone), not a JSON object")
