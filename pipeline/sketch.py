@@ -324,19 +324,27 @@ class QuantileSketch:
 
     def to_bytes(self) -> bytes:
         """Versioned compact encoding (see docs/aggregates.md); canonical for equal sketches."""
-        nonzero = np.flatnonzero(self._counts)
-        if nonzero.size == 0:
-            layout, first_key, body = _LAYOUT_SPARSE, 0, _EMPTY_BYTES
-        else:
-            first_key = self._offset  # == offset of the first non-empty key by the invariant
-            gaps = np.diff(nonzero) - 1
-            sparse = _varints(np.concatenate((gaps, self._counts[nonzero])))
-            dense = _varints(self._counts)
-            layout, body = (_LAYOUT_DENSE, dense) if len(dense) < len(sparse) else (_LAYOUT_SPARSE, sparse)
-        nbins = nonzero.size if layout == _LAYOUT_SPARSE else self._counts.size
+        counts = self._counts.astype(np.uint64)
+        layout, nbins, body = _LAYOUT_SPARSE, 0, _EMPTY_BYTES
+        if counts.size:
+            # Both layouts are sized first; only the smaller one is written (sparse on a tie).
+            count_lengths = _varint_lengths(counts)
+            nonzero = np.flatnonzero(counts)
+            gaps = (np.diff(nonzero) - 1).astype(np.uint64)
+            gap_lengths = _varint_lengths(gaps)
+            sparse_size = int(gap_lengths.sum()) + int(count_lengths[nonzero].sum())
+            if int(count_lengths.sum()) < sparse_size:
+                layout, nbins, body = _LAYOUT_DENSE, counts.size, _varints(counts, count_lengths)
+            else:
+                nbins = nonzero.size
+                body = _varints(
+                    np.concatenate((gaps, counts[nonzero])),
+                    np.concatenate((gap_lengths, count_lengths[nonzero])),
+                )
         head = _HEADER.pack(ENCODING_VERSION, layout, self.alpha, self._sum, self._min, self._max)
-        scalars = [self._zero, nbins] + ([_zigzag(first_key)] if nbins else [])
-        payload = head + _varints(np.array(scalars, dtype=np.uint64)) + body
+        # The first key is the store offset: the invariant keeps both ends of the store non-empty.
+        scalars = _varint(self._zero) + _varint(nbins) + (_varint(_zigzag(self._offset)) if nbins else b"")
+        payload = head + scalars + body
         return payload + _CRC.pack(zlib.crc32(payload))
 
     @classmethod
@@ -369,6 +377,8 @@ def _add_run(target: IntArray, target_offset: int, offset: int, run: IntArray) -
 
 _EMPTY_BYTES: Final = b""
 _SHIFTS: Final = np.arange(10, dtype=np.uint64) * np.uint64(7)
+_POWERS: Final = np.uint64(1) << _SHIFTS
+_MAX_VARINT_BYTES: Final = 9  # 63 bits: counts and gaps never need more
 
 
 def _zigzag(value: int) -> int:
@@ -379,19 +389,34 @@ def _unzigzag(value: int) -> int:
     return (value >> 1) ^ -(value & 1)
 
 
-def _varints(values: npt.NDArray[np.integer]) -> bytes:
-    v = values.astype(np.uint64)
-    if v.size == 0:
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _varint_lengths(values: npt.NDArray[np.uint64]) -> IntArray:
+    lengths = np.ones(values.size, dtype=np.int64)
+    rest = values >> np.uint64(7)
+    while rest.any():
+        lengths += rest != 0
+        rest >>= np.uint64(7)
+    return lengths
+
+
+def _varints(values: npt.NDArray[np.uint64], lengths: IntArray) -> bytes:
+    """Values as LEB128, built column by column: byte j of every value at once."""
+    if values.size == 0:
         return _EMPTY_BYTES
-    nbytes = np.ones(v.size, dtype=np.int64)
-    for k in range(1, 10):
-        nbytes += v >= np.uint64(1 << (7 * k))
-    owner = np.repeat(np.arange(v.size), nbytes)
-    starts = np.cumsum(nbytes) - nbytes
-    position = np.arange(owner.size) - starts[owner]
-    out = ((v[owner] >> _SHIFTS[position]) & np.uint64(0x7F)).astype(np.uint8)
-    out[position < nbytes[owner] - 1] |= 0x80
-    return out.tobytes()
+    width = int(lengths.max())
+    columns = np.arange(width)
+    table = ((values[:, None] >> _SHIFTS[:width]) & np.uint64(0x7F)).astype(np.uint8)
+    table[columns < lengths[:, None] - 1] |= 0x80
+    # Row-major order keeps each value's bytes together and in order.
+    return table[columns < lengths[:, None]].tobytes()
 
 
 def _read_varints(data: bytes, expected: int) -> npt.NDArray[np.uint64]:
@@ -404,16 +429,23 @@ def _read_varints(data: bytes, expected: int) -> npt.NDArray[np.uint64]:
     ends = np.flatnonzero(raw < 0x80)
     if ends.size != expected or ends[-1] != raw.size - 1:
         raise SketchDecodeError("bucket section length does not match its bucket count")
-    starts = np.concatenate(([0], ends[:-1] + 1))
+    if ends.size == raw.size:  # every value fits one byte
+        return raw.astype(np.uint64)
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
     lengths = ends - starts + 1
-    if int(lengths.max()) > 9:  # 9 bytes carry 63 bits: counts and gaps never need more
+    width = int(lengths.max())
+    if width > _MAX_VARINT_BYTES:
         raise SketchDecodeError("varint too long")
     if np.any((lengths > 1) & (raw[ends] == 0)):
         raise SketchDecodeError("non-canonical varint")
-    owner = np.repeat(np.arange(ends.size), lengths)
-    position = np.arange(raw.size) - starts[owner]
-    parts = (raw & 0x7F).astype(np.uint64) << _SHIFTS[position]
-    return np.bitwise_or.reduceat(parts, starts)
+    columns = np.arange(width)
+    inside = columns < lengths[:, None]
+    table = np.where(inside, raw[np.minimum(starts[:, None] + columns, raw.size - 1)] & 0x7F, 0)
+    # The 7-bit groups do not overlap, so a product with the powers of 128 assembles each value.
+    values: npt.NDArray[np.uint64] = table.astype(np.uint64) @ _POWERS[:width]
+    return values
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:

@@ -424,6 +424,16 @@ def test_resealed_hand_written_payload_decodes() -> None:
     assert decoded.to_bytes() == QuantileSketch.from_values([5.0]).to_bytes()
 
 
+@pytest.mark.parametrize("count", [127, 128, 300, 2**14, 2**40, 2**62])
+def test_multi_byte_counts_round_trip_byte_for_byte(count: int) -> None:
+    for layout in (0, 1):
+        payload = reseal(header(layout=layout, total=5.0 * count) + uv(0, 1, KEY5, count))
+        decoded = QuantileSketch.from_bytes(payload)
+        assert decoded.count == count
+        assert decoded.quantile(0.5) == 5.0
+        assert decoded.to_bytes() == reseal(header(total=5.0 * count) + uv(0, 1, KEY5, count))
+
+
 @pytest.mark.parametrize(
     ("payload", "message"),
     [
