@@ -4,12 +4,16 @@
 - `stack` (function): the same `Stack`, for tests that stop/start services (outages); anything
   a test left stopped is started again after it, so later tests always get a whole stack.
 - `fresh_database_url` (function): a new, empty database on the stack's server, dropped after.
+- `scratch_stack_root` (function): a directory for a test that needs a stack of its own.
 - `make_settings` (function): `Settings` for the stack with a unique topic, DLQ topic, consumer
   group and bucket per call, so tests never see each other's data.
 """
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,14 +37,37 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
 
 
-@pytest.fixture(scope="session")
-def _session_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    stack = Stack(tmp_path_factory.mktemp("omnilog-stack"))
+@contextlib.contextmanager
+def _scratch_stack_root() -> Iterator[Path]:
+    """A fresh directory for a stack root, NOT under pytest's tmp dirs.
+
+    PostgreSQL runs as an unprivileged user, which must traverse to its data dir. pytest's
+    /tmp/pytest-of-<user> is 0700, and every pytest session that starts (other runs on the
+    same machine) chmods it back to 0700, which can break an initdb or a restart in flight.
+    """
+    parent = Path(tempfile.mkdtemp(prefix="omnilog-test-stack-"))
     try:
-        stack.up()
-        yield stack
+        yield parent / "root"
     finally:
-        stack.down(purge=True)
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def _session_stack() -> Iterator[Stack]:
+    with _scratch_stack_root() as root:
+        stack = Stack(root)
+        try:
+            stack.up()
+            yield stack
+        finally:
+            stack.down(purge=True)
+
+
+@pytest.fixture
+def scratch_stack_root() -> Iterator[Path]:
+    """A root for a test's own, second stack (CLI tests); removed after the test."""
+    with _scratch_stack_root() as root:
+        yield root
 
 
 @pytest.fixture(scope="session")

@@ -81,7 +81,13 @@ class Stack:
                 # Services left running are probed too, so `up` never reports a broken stack as fine.
                 for name in SERVICES:
                     if name not in to_start:
-                        self._wait_healthy(st, name, self._service(st, name), timeout=15.0)
+                        service = self._service(st, name)
+                        self._wait_healthy(st, name, service, timeout=15.0)
+                        # Cheap and idempotent; creates a bucket named by a later `up --bucket`.
+                        try:
+                            service.after_healthy(st.service(name).ports)
+                        except Exception as exc:
+                            raise StackError(f"{name}: setup failed: {_one_line(exc)}") from exc
             finally:
                 state_file.save(self.root, st)
             info = self._info(st)

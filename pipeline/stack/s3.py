@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import urllib.request
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from botocore.exceptions import ClientError
 from pipeline.stack.binaries import weed_binary
 from pipeline.stack.blocking import run_blocking
 from pipeline.stack.ports import HOST, free_port_pair, free_ports
-from pipeline.stack.service import Service
+from pipeline.stack.service import ProbeFailedError, Service
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -73,6 +74,19 @@ async def _ensure_bucket(port: int, credentials: S3Credentials, bucket: str) -> 
                 raise
             await client.create_bucket(Bucket=bucket)
             await client.head_bucket(Bucket=bucket)
+
+
+def _registered_volume_servers(master_port: int, timeout: float) -> set[str]:
+    url = f"http://{HOST}:{master_port}/dir/status"
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        status = json.load(response)
+    topology = status.get("Topology") or {}
+    return {
+        str(node.get("Url"))
+        for dc in topology.get("DataCenters") or []
+        for rack in dc.get("Racks") or []
+        for node in rack.get("DataNodes") or []
+    }
 
 
 def ensure_bucket(port: int, credentials: S3Credentials, bucket: str) -> None:
@@ -171,6 +185,12 @@ class SeaweedS3(Service):
     def probe(self, ports: Mapping[str, int], timeout: float) -> None:
         # A signed request: proves the API is up AND that our identity file was loaded.
         run_blocking(lambda: _list_buckets(ports["port"], self.credentials, request_timeout=timeout))
+        # The S3 gateway answers before the volume server has re-registered with the master
+        # after a restart; until then every object read or write fails with InternalError
+        # (measured: up to 4 s). So healthy also means "the master knows our volume server".
+        volume_server = f"{HOST}:{ports['volume']}"
+        if volume_server not in _registered_volume_servers(ports["master"], timeout):
+            raise ProbeFailedError(f"volume server {volume_server} not yet registered with the master")
 
     def after_healthy(self, ports: Mapping[str, int]) -> None:
         ensure_bucket(ports["port"], self.credentials, self.bucket)

@@ -25,6 +25,11 @@ from pipeline.stack import Stack, StackInfo
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture
+def root(scratch_stack_root: Path) -> Path:
+    return scratch_stack_root
+
+
 def omnilog(*args: str) -> Result:
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
@@ -72,8 +77,7 @@ def holds_listener() -> socket.socket:
     return sock
 
 
-async def test_cli_up_up_status_down_down_and_restart_on_the_same_data(tmp_path: Path) -> None:
-    root = tmp_path / "root"
+async def test_cli_up_up_status_down_down_and_restart_on_the_same_data(root: Path) -> None:
     try:
         first = omnilog("stack", "up", "--root", str(root), "--bucket", "cli-bucket")
         assert first.exit_code == 0, first.output
@@ -146,8 +150,7 @@ async def test_cli_up_up_status_down_down_and_restart_on_the_same_data(tmp_path:
     assert not root.exists()
 
 
-def test_explicit_port_already_taken_is_a_clear_error(tmp_path: Path) -> None:
-    root = tmp_path / "root"
+def test_explicit_port_already_taken_is_a_clear_error(root: Path) -> None:
     with holds_listener() as taken:
         port = taken.getsockname()[1]
         result = omnilog("stack", "up", "--root", str(root), "--kafka-port", str(port))
@@ -157,11 +160,12 @@ def test_explicit_port_already_taken_is_a_clear_error(tmp_path: Path) -> None:
     assert not state.exists() or not any(recorded_pids(root).values())
 
 
-def test_missing_postgres_binaries_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_postgres_binaries_are_named(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     empty = tmp_path / "empty-bin"
     empty.mkdir()
     monkeypatch.setenv("OMNILOG_PG_BINDIR", str(empty))
-    root = tmp_path / "root"
     result = omnilog("stack", "up", "--root", str(root))
     assert result.exit_code != 0
     assert "PostgreSQL server binaries (initdb, postgres) not found" in result.output
@@ -171,13 +175,12 @@ def test_missing_postgres_binaries_are_named(tmp_path: Path, monkeypatch: pytest
 
 
 def test_a_service_that_dies_on_start_fails_up_with_its_log_tail(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake = tmp_path / "tansu"
     fake.write_text("#!/bin/sh\necho 'tansu: cannot open storage engine (simulated)'\nexit 3\n")
     fake.chmod(0o755)
     monkeypatch.setenv("OMNILOG_TANSU_BIN", str(fake))
-    root = tmp_path / "root"
     try:
         result = omnilog("stack", "up", "--root", str(root))
         assert result.exit_code != 0
