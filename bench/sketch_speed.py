@@ -238,13 +238,14 @@ def main() -> None:
     print("\nencoded bytes (ours chooses the smaller of sparse/dense; ddsketch proto has no min/max/sum)")
     print("| data | values | buckets | ours | sparse | dense | fixed int32+uint64 | ddsketch proto |")
     print("|---|---|---|---|---|---|---|---|")
+    five_k = durations(rng, 5000)
     shapes: list[tuple[str, np.ndarray]] = [
-        ("1 duration", batch[:1]),
-        ("10 durations", batch[:10]),
-        ("100 durations", batch[:100]),
-        (f"{args.values} durations", batch),
+        ("1 duration", five_k[:1]),
+        ("10 durations", five_k[:10]),
+        ("100 durations", five_k[:100]),
+        ("5000 durations", five_k),
         (f"{args.parts} x {args.values} durations merged", everything),
-        ("90 % zeros, 5000", np.where(rng.random(5000) < 0.9, 0, batch)),
+        ("90 % zeros, 5000", np.where(rng.random(5000) < 0.9, 0, five_k)),
         (
             "bimodal 5 ms / 3 s, 5000",
             np.rint(np.where(rng.random(5000) < 0.5, 5, 3000) * rng.lognormal(0, 0.1, 5000)),
