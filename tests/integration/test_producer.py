@@ -7,17 +7,22 @@ import logging
 import socket
 import subprocess
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import UnknownError
+from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 
+from pipeline.cli import cli
 from pipeline.event_builder import GatewayRequestEvent
 from pipeline.kafka_admin import ensure_topics
+from pipeline.loadgen import LoadConfig, generate
 from pipeline.producer import DeliveryFailure, EventProducer, ProducerClosedError
 from pipeline.redaction import MARKER, RedactionConfig
 from pipeline.stack import StackInfo
@@ -233,3 +238,44 @@ async def test_broker_outage_reports_every_failure(
     assert all(f.key == f"{org}:{orjson.loads(f.value)['server_id']}".encode() for f in failures)
     with pytest.raises(ProducerClosedError):
         await producer.emit(event(org, 99))
+
+
+# -- the CLI: omnilog topics and omnilog produce -------------------------------------------------
+
+
+async def test_topics_and_produce_commands(stack_info: StackInfo, tmp_path: Path) -> None:
+    suffix = uuid.uuid4().hex[:10]
+    env = {
+        "OMNILOG_KAFKA_BOOTSTRAP_SERVERS": stack_info.kafka_bootstrap_servers,
+        "OMNILOG_TOPIC": f"test.cli.{suffix}",
+        "OMNILOG_DLQ_TOPIC": f"test.cli.{suffix}.dlq",
+    }
+    runner = CliRunner()
+    first = await asyncio.to_thread(runner.invoke, cli, ["topics", "--partitions", "4"], env=env)
+    assert first.exit_code == 0, first.output
+    assert f"test.cli.{suffix}: created, 4 partition(s)" in first.output
+    assert f"test.cli.{suffix}.dlq: created, 1 partition(s)" in first.output
+    again = await asyncio.to_thread(runner.invoke, cli, ["topics", "--partitions", "6"], env=env)
+    assert again.exit_code == 0, again.output
+    assert f"test.cli.{suffix}: exists, 4 partition(s) (asked for 6" in again.output
+
+    summary_path = tmp_path / "summary.json"
+    args = ["produce", "--count", "3000", "--seed", "11", "--base-time", "2026-03-10T12:00:00Z",
+            "--orgs", "3", "--duplicate-fraction", "0.05", "--invalid-fraction", "0.05",
+            "--late-fraction", "0.1", "--summary", str(summary_path), "--no-progress"]  # fmt: skip
+    result = await asyncio.to_thread(runner.invoke, cli, args, env=env)
+    assert result.exit_code == 0, result.output
+    assert "delivered 3000, failed 0" in result.output
+
+    config = LoadConfig(
+        count=3000, seed=11, base_time=datetime(2026, 3, 10, 12, tzinfo=UTC), orgs=3,
+        duplicate_fraction=0.05, invalid_fraction=0.05, late_fraction=0.1,
+    )  # fmt: skip
+    expected = list(generate(config))
+    received = await read_all(stack_info.kafka_bootstrap_servers, f"test.cli.{suffix}", 3000, partitions=4)
+    assert Counter(received) == Counter((m.key, m.value) for m in expected)
+    summary = orjson.loads(summary_path.read_bytes())
+    assert summary["messages"]["total"] == 3000
+    assert summary["messages"]["duplicate"] == sum(m.kind == "duplicate" for m in expected)
+    assert summary["messages"]["invalid"] == sum(m.kind == "invalid" for m in expected)
+    assert summary["delivery"] == {"delivered": 3000, "failed": 0}
