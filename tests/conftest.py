@@ -117,7 +117,7 @@ def make_settings(stack_info: StackInfo) -> Callable[..., Settings]:
             "OMNILOG_S3_BUCKET": f"test-{suffix}",
         }
         values.update({_alias(key): value for key, value in overrides.items()})
-        settings = load_settings(**values)
+        settings = load_settings(None, **values)
         ensure_bucket(s3_port, credentials, settings.s3_bucket)
         return settings
 

@@ -7,11 +7,13 @@ import json
 import os
 import socket
 import stat
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import boto3
+import boto3  # type: ignore[import-untyped]
 import psutil
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
@@ -21,6 +23,7 @@ from click.testing import CliRunner, Result
 from pipeline.cli import cli
 from pipeline.settings import Settings
 from pipeline.stack import Stack, StackInfo
+from pipeline.stack import state as state_file
 
 pytestmark = pytest.mark.integration
 
@@ -194,7 +197,7 @@ def test_a_service_that_dies_on_start_fails_up_with_its_log_tail(
 
 
 async def test_make_settings_gives_each_call_its_own_topic_group_and_bucket(
-    make_settings, stack_info: StackInfo
+    make_settings: Callable[..., Settings], stack_info: StackInfo
 ) -> None:
     first: Settings = make_settings(batch_max_events=7)
     second: Settings = make_settings(OMNILOG_BATCH_MAX_AGE_S=0.25)
@@ -263,3 +266,24 @@ def test_postgres_never_runs_as_root(stack: Stack) -> None:
     assert uid != 0
     if os.geteuid() != 0:
         assert uid == os.geteuid()
+
+
+def test_down_never_signals_a_recorded_pid_that_is_now_another_process(root: Path) -> None:
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        # A state file whose kafka pid was reused by an unrelated process (start time differs).
+        st = state_file.StackState.new("omnilog")
+        st.service("kafka").pid = stranger.pid
+        st.service("kafka").create_time = psutil.Process(stranger.pid).create_time() - 3600
+        st.service("kafka").ports = {"port": 9}
+        state_file.save(root, st)
+
+        status = omnilog("stack", "status", "--root", str(root))
+        assert status.exit_code == 1
+        down = omnilog("stack", "down", "--root", str(root))
+        assert down.exit_code == 0, down.output
+        assert "nothing to stop" in down.output
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
