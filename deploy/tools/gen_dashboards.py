@@ -321,14 +321,15 @@ def pipeline_dashboard() -> Panel:
     )
     lay.add(
         _timeseries(
-            "Fenced batches and orphaned uploads",
+            "Objects, orphans and fenced batches",
             [
+                _prom(_per_second("omnilog_objects_written_total"), "objects written"),
                 _prom(_per_second("omnilog_fenced_batches_total"), "fenced batches"),
                 _prom(_per_second("omnilog_orphaned_uploads_total"), "orphaned uploads"),
             ],
             "ops",
-            "Batches dropped because another worker owns the partition now (rebalances), and objects "
-            "left for the janitor.",
+            "Objects uploaded per second; batches dropped because another worker owns the partition "
+            "now (rebalances); objects left for the janitor.",
             _PROM,
         ),
         w=12,
