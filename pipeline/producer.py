@@ -327,6 +327,11 @@ class EventProducer:
     def _check_open(self) -> None:
         if self._kafka is None or self._closing:
             raise ProducerClosedError("EventProducer is not started or is closing")
+        pump = self._pump
+        if pump is not None and pump.done():
+            # Accepting more would only fill the buffer for nobody: say why the send loop ended.
+            cause = None if pump.cancelled() else pump.exception()
+            raise ProducerClosedError("the producer's send loop has stopped") from cause
 
     def _has_room(self, size: int) -> bool:
         stats = self.stats
