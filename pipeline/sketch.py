@@ -220,6 +220,9 @@ class QuantileSketch:
         hi = float(x.max())
         if not (lo >= 0.0 and math.isfinite(hi)):
             raise ValueError("sketch values must be finite and >= 0")
+        total = self._sum + float(x.sum())
+        if not math.isfinite(total):
+            raise ValueError("sketch sum overflows float64")
         positive = x[x > ZERO_THRESHOLD]
         if positive.size:
             keys = self._map.keys(positive)
@@ -232,7 +235,7 @@ class QuantileSketch:
             self._fold_in(kmin, np.bincount(keys - kmin))
         self._zero += int(x.size - positive.size)
         self._count += int(x.size)
-        self._sum += float(x.sum())
+        self._sum = total
         self._min = min(self._min, lo)
         self._max = max(self._max, hi)
 
@@ -240,11 +243,14 @@ class QuantileSketch:
         """Fold ``other`` into this sketch (in place). Both must have the same alpha."""
         if other.alpha != self.alpha:
             raise ValueError(f"cannot merge sketches of alpha {self.alpha} and {other.alpha}")
+        total = self._sum + other._sum
+        if not math.isfinite(total):
+            raise ValueError("sketch sum overflows float64")
         if other._counts.size:
             self._fold_in(other._offset, other._counts)
         self._zero += other._zero
         self._count += other._count
-        self._sum += other._sum
+        self._sum = total
         self._min = min(self._min, other._min)
         self._max = max(self._max, other._max)
 

@@ -298,6 +298,16 @@ def test_add_rejects_negative_and_non_finite_and_keeps_state(bad: float) -> None
     assert sketch.to_bytes() == before
 
 
+def test_sum_overflow_is_refused_so_every_sketch_stays_encodable() -> None:
+    big = QuantileSketch.from_values([1e308])
+    with pytest.raises(ValueError, match="overflows"):
+        big.add_many([1e308])
+    with pytest.raises(ValueError, match="overflows"):
+        big.merge(QuantileSketch.from_values([1e308]))
+    assert big.count == 1
+    assert QuantileSketch.from_bytes(big.to_bytes()) == big
+
+
 def test_add_accepts_lists_ints_and_single_values() -> None:
     sketch = QuantileSketch()
     sketch.add_many([])
