@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     aws_secret_access_key: SecretStr | None = Field(None, validation_alias=_env("AWS_SECRET_ACCESS_KEY"))
     aws_region: str = Field("us-east-1", validation_alias=_env("AWS_REGION"))
 
+    # A dead member holds its partitions until this expires: lower means faster takeover after
+    # a crash, higher tolerates longer pauses. The broker bounds it (group.min/max.session.timeout.ms).
+    kafka_session_timeout_ms: int = Field(
+        10_000, validation_alias=_env("OMNILOG_KAFKA_SESSION_TIMEOUT_MS"), ge=1000, le=300_000
+    )
+
     # Batching (ARCHITECTURE "One batch, end to end", step 1).
     batch_max_events: Annotated[int, Field(gt=0)] = Field(
         5000, validation_alias=_env("OMNILOG_BATCH_MAX_EVENTS"), gt=0

@@ -177,6 +177,8 @@ class IngestWorker:
             group_id=s.consumer_group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            session_timeout_ms=s.kafka_session_timeout_ms,
+            heartbeat_interval_ms=max(500, s.kafka_session_timeout_ms // 5),
             max_partition_fetch_bytes=2 * 1024 * 1024,
             fetch_max_bytes=min(32 * 1024 * 1024, s.max_inflight_bytes),
         )

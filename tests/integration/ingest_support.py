@@ -278,6 +278,7 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
             "OMNILOG_REBALANCE_DRAIN_S": str(settings.rebalance_drain_s),
             "OMNILOG_SHUTDOWN_GRACE_S": str(settings.shutdown_grace_s),
             "OMNILOG_RETRY_MAX_S": str(settings.retry_max_s),
+            "OMNILOG_KAFKA_SESSION_TIMEOUT_MS": str(settings.kafka_session_timeout_ms),
         }
     )
     env.update(extra)
@@ -285,10 +286,10 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 def start_worker(settings: Settings, log_path: Path, **extra: str) -> subprocess.Popen[bytes]:
-    log = log_path.open("ab")
-    return subprocess.Popen(
-        [str(Path(sys.executable).parent / "omnilog"), "ingest"],
-        env=worker_env(settings, **extra),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    with log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [str(Path(sys.executable).parent / "omnilog"), "ingest"],
+            env=worker_env(settings, **extra),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
