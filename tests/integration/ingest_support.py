@@ -254,6 +254,16 @@ async def read_dead_letters(settings: Settings) -> dict[tuple[int, int], str]:
     return letters
 
 
+async def wait_for_log(log_path: Path, text: str, timeout: float) -> None:
+    """Wait until a worker's JSON log mentions `text` (e.g. its partitions were assigned)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log_path.exists() and text in log_path.read_text(errors="replace"):
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{log_path.name} never said {text!r} within {timeout}s")
+
+
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(

@@ -20,6 +20,7 @@ from tests.integration.ingest_support import (
     produce_traffic,
     start_worker,
     verify_exactly_once,
+    wait_for_log,
     wait_caught_up,
 )
 
@@ -171,7 +172,8 @@ async def test_sigterm_drains_within_grace_period(fresh_database_url, make_setti
     await create_topic(settings, settings.topic, partitions=2)
     proc = start_worker(settings, tmp_path / "worker.log")
     traffic = await produce_traffic(settings, count=500, seed=9)
-    await asyncio.sleep(6)  # consumed into the open batch, which is far from due
+    await wait_for_log(tmp_path / "worker.log", "partitions assigned", timeout=30)
+    await asyncio.sleep(3)  # consumed into the open batch, which is far from due
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
