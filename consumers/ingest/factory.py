@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from consumers.ingest.worker import IngestWorker
 from pipeline.settings import Settings
+from sinks.aggregates import build_extensions, build_merger
 from sinks.db import Connection
 from sinks.partitions import PartitionCache, ensure_day_partitions
 
@@ -24,4 +25,10 @@ def build_worker(settings: Settings, registry: CollectorRegistry | None = None) 
         for table in _DAY_PARTITIONED:
             await ensure_day_partitions(conn, table, days, cache)
 
-    return IngestWorker(settings, registry=registry, ensure_partitions=ensure_partitions)
+    return IngestWorker(
+        settings,
+        registry=registry,
+        extensions=build_extensions(),
+        ensure_partitions=ensure_partitions,
+        background=[build_merger(settings)],
+    )

@@ -19,7 +19,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from datetime import date, timedelta
 from typing import Any
@@ -27,7 +27,7 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from pipeline.event import ValidationPolicy
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from tenacity import AsyncRetrying, wait_random_exponential
 
 from consumers.ingest.batch import Batch, BatchBuffer, BatchLimits
@@ -44,6 +44,9 @@ from sinks.objects import ObjectWriter, s3_client
 log = logging.getLogger("omnilog.worker")
 
 EnsurePartitions = Callable[[Connection, set[date]], Awaitable[None]]
+# A job running beside the poll loop (the aggregates merger): started once the worker is up,
+# cancelled at shutdown after the last flush.
+BackgroundJob = Callable[[asyncpg.Pool, WorkerMetrics], Coroutine[Any, Any, None]]
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -64,13 +67,21 @@ class IngestWorker:
         registry: CollectorRegistry | None = None,
         extensions: Sequence[BatchExtension] = (),
         ensure_partitions: EnsurePartitions | None = None,
+        background: Sequence[BackgroundJob] = (),
     ) -> None:
         self.settings = settings
         self.topic = settings.topic
         self.registry = registry or CollectorRegistry()
         self.metrics = WorkerMetrics(self.registry)
+        if registry is None:
+            # process_* (RSS, CPU, fds) feed the memory panels and alerts; a registry passed in by
+            # a caller (tests, several workers in one process) is left as the caller built it.
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            GCCollector(registry=self.registry)
         self._extensions = extensions
         self._ensure_partitions = ensure_partitions
+        self._background = background
         self._buffer = BatchBuffer(
             BatchLimits(settings.batch_max_events, settings.batch_max_bytes, settings.batch_max_age_s)
         )
@@ -115,10 +126,15 @@ class IngestWorker:
             self._started = True
             gc.collect()
             gc.freeze()  # long-lived objects (clients, pools) leave the collector's scans
+            assert self._pool is not None
+            jobs = [asyncio.create_task(job(self._pool, self.metrics)) for job in self._background]
             try:
                 await self._poll_loop()
             finally:
                 await self._shutdown()
+                for task in jobs:
+                    task.cancel()
+                await asyncio.gather(*jobs, return_exceptions=True)
         log.info("worker stopped", extra={"exit_code": self.exit_code})
         return self.exit_code
 

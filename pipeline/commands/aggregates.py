@@ -1,0 +1,222 @@
+"""`omnilog aggregates show | usage | merge`: read the rollups, or run one merge pass."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+
+from pipeline.settings import Settings, load_settings
+
+_RELATIVE = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+_env_file = click.option("--env-file", type=click.Path(path_type=Path), help="A .env-style file of settings.")
+_window = click.option(
+    "--window", type=click.Choice(["hourly", "daily"]), default="hourly", show_default=True
+)
+_since = click.option(
+    "--since", default="24h", show_default=True, help="RFC 3339, or a span back from now: 6h, 7d."
+)
+_until = click.option("--until", default=None, help="RFC 3339, or a span back from now [default: now].")
+_json = click.option("--json", "as_json", is_flag=True, help="JSON Lines instead of a table.")
+
+
+def parse_time(value: str, option: str, now: datetime) -> datetime:
+    match = _RELATIVE.match(value)
+    if match:
+        return now - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"expected RFC 3339 or a span like 6h, got {value!r}", param_hint=option
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _uuid(value: str, option: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise click.BadParameter(f"not a UUID: {value!r}", param_hint=option) from None
+
+
+def _range(since: str, until: str | None) -> tuple[datetime, datetime]:
+    now = datetime.now(UTC)
+    start = parse_time(since, "--since", now)
+    end = parse_time(until, "--until", now) if until else now + timedelta(hours=1)
+    return start, end
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "all"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M")
+    return str(value)
+
+
+def _print(
+    rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], as_json: bool, title: str
+) -> None:
+    if as_json:
+        for row in rows:
+            click.echo(orjson.dumps(row, default=str).decode())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for _, header in columns:
+        table.add_column(header, justify="right" if header[:1].islower() else "left")
+    for row in rows:
+        table.add_row(*(_cell(row[name]) for name, _ in columns))
+    Console().print(table)
+
+
+@click.group("aggregates")
+def command() -> None:
+    """Hourly and daily rollups (log_aggregates, usage) and their merger."""
+
+
+@command.command("show")
+@_env_file
+@click.option("--org", "org", required=True, help="Organization id.")
+@click.option("--server", default=None, help="Server id ('none': events without a server).")
+@click.option("--method", default=None, help="rpc_method ('' : events without a method).")
+@click.option(
+    "--level",
+    type=click.Choice(["org", "server", "method"]),
+    default=None,
+    help="Rows per org, per (org, server) or per (org, server, method) [default: from the filters].",
+)
+@_window
+@_since
+@_until
+@_json
+def show(
+    env_file: Path | None,
+    org: str,
+    server: str | None,
+    method: str | None,
+    level: str | None,
+    window: str,
+    since: str,
+    until: str | None,
+    as_json: bool,
+) -> None:
+    """Print log_aggregates rows of an organization over a time range."""
+    from sinks.aggregates import NO_SERVER, AggregatesQuery, query_log_aggregates
+
+    settings = load_settings(env_file)
+    start, end = _range(since, until)
+    server_id = None if server is None else NO_SERVER if server == "none" else _uuid(server, "--server")
+    chosen = level or ("method" if method is not None else "server" if server is not None else "org")
+    query = AggregatesQuery(
+        organization_id=_uuid(org, "--org"),
+        window=window,  # type: ignore[arg-type]  # click.Choice
+        since=start,
+        until=end,
+        level=chosen,  # type: ignore[arg-type]
+        server_id=server_id,
+        rpc_method=method,
+    )
+    rows = asyncio.run(_with_conn(settings, lambda conn: query_log_aggregates(conn, query)))
+    columns = [
+        ("window_start", "Window"),
+        ("server_id", "Server"),
+        ("rpc_method", "Method"),
+        ("total_requests", "requests"),
+        ("error_requests", "errors"),
+        ("p50_duration_ms", "p50 ms"),
+        ("p95_duration_ms", "p95 ms"),
+        ("p99_duration_ms", "p99 ms"),
+        ("avg_duration_ms", "avg ms"),
+        ("total_bytes_in", "bytes in"),
+        ("total_bytes_out", "bytes out"),
+    ]
+    _print(rows, columns, as_json, f"{window} log aggregates of {query.organization_id}")
+
+
+@command.command("usage")
+@_env_file
+@click.option("--org", "org", required=True, help="Organization id.")
+@_window
+@_since
+@_until
+@_json
+def usage(env_file: Path | None, org: str, window: str, since: str, until: str | None, as_json: bool) -> None:
+    """Print the usage rollups (usage_hourly, or usage_daily for all users) of an organization."""
+    from sinks.aggregates import query_usage
+
+    settings = load_settings(env_file)
+    start, end = _range(since, until)
+    org_id = _uuid(org, "--org")
+    rows = asyncio.run(
+        _with_conn(settings, lambda conn: query_usage(conn, org_id, window, start, end))  # type: ignore[arg-type]
+    )
+    columns = [
+        ("bucket", "Bucket"),
+        ("project_id", "Project"),
+        ("model", "Model"),
+        ("request_count", "requests"),
+        ("error_count", "errors"),
+        ("total_input_tokens", "input tok"),
+        ("total_output_tokens", "output tok"),
+        ("total_cost_cents", "cost ¢"),
+        ("p50_latency_ms", "p50 ms"),
+        ("p99_latency_ms", "p99 ms"),
+        ("unique_users", "users"),
+    ]
+    _print(rows, columns, as_json, f"{window} usage of {org_id}")
+
+
+@command.command("merge")
+@_env_file
+@click.option("--wait", default=30.0, show_default=True, help="Seconds to wait for a busy merger lock.")
+def merge(env_file: Path | None, wait: float) -> None:
+    """Run merge passes until no part is dirty (waits while another merger holds the lock)."""
+    from sinks.merger import merge_until_clean
+
+    settings = load_settings(env_file)
+
+    async def run(conn: Any) -> Any:
+        deadline = asyncio.get_running_loop().time() + wait
+        while True:
+            stats = await merge_until_clean(conn)
+            if stats is not None or asyncio.get_running_loop().time() > deadline:
+                return stats
+            await asyncio.sleep(0.5)
+
+    stats = asyncio.run(_with_conn(settings, run))
+    if stats is None:
+        click.echo("omnilog aggregates merge: another merger held the lock throughout", err=True)
+        sys.exit(1)
+    click.echo(
+        f"merged {stats.parts_marked} parts into {stats.log_rows} log_aggregates rows "
+        f"and {stats.usage_rows} usage rows"
+    )
+
+
+async def _with_conn(settings: Settings, body: Any) -> Any:
+    import asyncpg
+
+    conn = await asyncpg.connect(settings.database_url.get_secret_value())
+    try:
+        return await body(conn)
+    except asyncpg.UndefinedTableError as exc:
+        click.echo(f"omnilog aggregates: {exc}: run `omnilog migrate` first", err=True)
+        sys.exit(1)
+    finally:
+        await conn.close()

@@ -1,0 +1,110 @@
+"""Aggregates: the pieces the ingest worker plugs in, and the read side of the rollups.
+
+- `build_extensions()`: the batch extensions (usage rows, aggregate parts), run inside the batch
+  transaction on the events seen for the first time (sinks/usage.py, sinks/aggregate_parts.py);
+- `build_merger(settings)`: the background merger of a worker (sinks/merger.py);
+- `query_log_aggregates` / `query_usage`: rows for `omnilog aggregates show`.
+
+Design, key sentinels, error bounds and measurements: docs/aggregates.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from pipeline.settings import Settings
+from sinks.aggregate_parts import NO_METHOD, NO_PROJECT, NO_SERVER, NO_USER, AggregatePartsWriter
+from sinks.db import Connection
+from sinks.index import BatchExtension
+from sinks.merger import MergerLoop, merge_pass, merge_until_clean
+from sinks.usage import UsageRowsWriter
+
+__all__ = [
+    "NO_METHOD",
+    "NO_PROJECT",
+    "NO_SERVER",
+    "NO_USER",
+    "AggregatesQuery",
+    "build_extensions",
+    "build_merger",
+    "merge_pass",
+    "merge_until_clean",
+    "query_log_aggregates",
+    "query_usage",
+]
+
+Window = Literal["hourly", "daily"]
+Level = Literal["org", "server", "method"]
+
+
+def build_extensions() -> list[BatchExtension]:
+    return [UsageRowsWriter(), AggregatePartsWriter()]
+
+
+def build_merger(settings: Settings) -> MergerLoop:
+    return MergerLoop(settings.merge_interval_s, settings.max_event_age_days)
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatesQuery:
+    organization_id: str
+    window: Window
+    since: datetime
+    until: datetime
+    level: Level = "org"
+    server_id: str | None = None  # a server, or NO_SERVER for events without one
+    rpc_method: str | None = None  # a method, or NO_METHOD for events without one
+
+
+_LOG_SELECT = """
+SELECT window_start, organization_id::text AS organization_id, server_id::text AS server_id,
+       rpc_method, total_requests, success_requests, error_requests, p50_duration_ms,
+       p95_duration_ms, p99_duration_ms, avg_duration_ms, total_bytes_in, total_bytes_out, updated_at
+FROM log_aggregates
+WHERE organization_id = $1 AND window_type = $2::aggregation_window_enum
+  AND window_start >= $3 AND window_start < $4
+"""
+
+
+def log_query_sql(query: AggregatesQuery) -> tuple[str, list[Any]]:
+    """The SELECT of `query`'s rows: the level fixes which key columns are NULL ("all")."""
+    sql = _LOG_SELECT
+    args: list[Any] = [query.organization_id, query.window, query.since, query.until]
+    if query.level == "org":
+        sql += " AND server_id IS NULL AND rpc_method IS NULL"
+    elif query.level == "server":
+        sql += " AND server_id IS NOT NULL AND rpc_method IS NULL"
+    else:
+        sql += " AND server_id IS NOT NULL AND rpc_method IS NOT NULL"
+    if query.server_id is not None and query.level != "org":
+        args.append(query.server_id)
+        sql += f" AND server_id = ${len(args)}::uuid"
+    if query.rpc_method is not None and query.level == "method":
+        args.append(query.rpc_method)
+        sql += f" AND rpc_method = ${len(args)}"
+    return sql + " ORDER BY window_start, server_id NULLS FIRST, rpc_method NULLS FIRST", args
+
+
+async def query_log_aggregates(conn: Connection, query: AggregatesQuery) -> list[dict[str, Any]]:
+    sql, args = log_query_sql(query)
+    return [dict(row) for row in await conn.fetch(sql, *args)]
+
+
+async def query_usage(
+    conn: Connection, organization_id: str, window: Window, since: datetime, until: datetime
+) -> list[dict[str, Any]]:
+    """Usage rollup rows of an organization (daily: the all-users rows)."""
+    table, users = ("usage_hourly", "") if window == "hourly" else ("usage_daily", " AND user_id IS NULL")
+    rows = await conn.fetch(
+        f"SELECT bucket, project_id::text AS project_id, model, request_count, success_count, error_count, "
+        "total_input_tokens, total_output_tokens, total_cache_read_tokens, total_cost_cents, "
+        "avg_latency_ms, p50_latency_ms, p95_latency_ms, p99_latency_ms, unique_users "
+        f"FROM {table} WHERE org_id = $1 AND bucket >= $2 AND bucket < $3{users} "
+        "ORDER BY bucket, project_id, model",
+        organization_id,
+        since,
+        until,
+    )
+    return [dict(row) for row in rows]

@@ -1,0 +1,271 @@
+"""Aggregate parts and rollup math without a database: grouping, sentinels, levels, daily = merge
+of hourly, row values, usage mappings, and the generated SQL (parsed with pglast)."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import orjson
+import pglast
+import pytest
+
+from pipeline.event import ValidationPolicy, ValidEvent, validate_event
+from pipeline.sketch import QuantileSketch
+from sinks import merger
+from sinks.aggregate_parts import (
+    LOG_PARTS,
+    NO_METHOD,
+    NO_MODEL,
+    NO_PROJECT,
+    NO_SERVER,
+    NO_USER,
+    USAGE_PARTS,
+    USAGE_USER_PARTS,
+    Acc,
+    fold,
+    log_parts,
+    read_sql,
+    upsert_sql,
+    usage_parts,
+    usage_status,
+)
+from sinks.merger import daily_from_hourly, day_of, log_values, org_level, server_level, usage_values
+from sinks.usage import mcp_usage_row, usage_event_row
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+POLICY = ValidationPolicy(timedelta(days=90), timedelta(hours=1))
+ORG = str(uuid.UUID(int=7))
+SERVER = str(uuid.UUID(int=8))
+
+
+def event(**fields: Any) -> ValidEvent:
+    body: dict[str, Any] = {
+        "event_id": str(uuid.uuid4()),
+        "organization_id": ORG,
+        "started_at": "2026-11-23T10:15:00Z",
+        "duration_ms": 10,
+    }
+    body.update(fields)
+    result = validate_event(orjson.dumps(body), NOW, POLICY)
+    assert isinstance(result, ValidEvent), result
+    return result
+
+
+def within_contract(estimate: float, exact: float) -> bool:
+    return abs(estimate - exact) <= max(0.01 * abs(exact), 1.0)
+
+
+def test_log_parts_group_by_hour_org_server_method_with_exact_sums() -> None:
+    rng = random.Random(3)
+    events = [
+        event(
+            started_at=f"2026-11-23T{rng.choice(['09', '10'])}:{rng.randint(0, 59):02d}:00Z",
+            server_id=rng.choice([None, SERVER]),
+            rpc_method=rng.choice([None, "", "tools/call"]),
+            duration_ms=rng.randint(0, 5000),
+            status_code=rng.choice([200, 500]),
+            bytes_in=rng.randint(0, 99),
+            bytes_out=rng.randint(0, 999),
+        )
+        for _ in range(500)
+    ]
+    parts = log_parts(events)
+    expected: dict[tuple[object, ...], list[ValidEvent]] = {}
+    for e in events:
+        hour = e.started_at.replace(minute=0, second=0, microsecond=0)
+        expected.setdefault((hour, ORG, e.server_id or NO_SERVER, e.rpc_method or NO_METHOD), []).append(e)
+    assert set(parts) == set(expected)
+    for key, members in expected.items():
+        acc = parts[key]
+        assert acc.sums == [
+            len(members),
+            sum(e.error for e in members),
+            sum(e.bytes_in for e in members),
+            sum(e.bytes_out for e in members),
+        ]
+        assert acc.sketch.alpha == LOG_PARTS.alpha
+        assert acc.sketch == QuantileSketch.from_values([e.duration_ms for e in members], LOG_PARTS.alpha)
+
+
+def test_sentinels_never_collide_with_the_all_rows() -> None:
+    parts = log_parts([event(), event(rpc_method=""), event(server_id=SERVER, rpc_method="x")])
+    keys = set(parts)
+    hour = datetime(2026, 11, 23, 10, tzinfo=UTC)
+    # No server and no (or an empty) method share one key, and no key holds None ("all").
+    assert keys == {(hour, ORG, NO_SERVER, NO_METHOD), (hour, ORG, SERVER, "x")}
+    assert parts[(hour, ORG, NO_SERVER, NO_METHOD)].sums[0] == 2
+    assert all(None not in key for key in keys)
+
+
+def test_hour_and_day_boundaries() -> None:
+    events = [
+        event(started_at="2026-11-22T23:59:59.999Z"),
+        event(started_at="2026-11-23T00:00:00Z"),
+        event(started_at="2026-11-23T00:59:59.999999Z"),
+        event(started_at="2026-11-23T03:00:00.000+03:00"),  # = 00:00 UTC
+    ]
+    parts = log_parts(events)
+    counts = {key[0]: acc.sums[0] for key, acc in parts.items()}
+    assert counts == {
+        datetime(2026, 11, 22, 23, tzinfo=UTC): 1,
+        datetime(2026, 11, 23, 0, tzinfo=UTC): 3,
+    }
+    assert {day_of(w) for w in counts} == {
+        datetime(2026, 11, 22, tzinfo=UTC),
+        datetime(2026, 11, 23, tzinfo=UTC),
+    }
+
+
+def test_parts_merged_across_batches_equal_one_batch() -> None:
+    rng = random.Random(5)
+    events = [event(duration_ms=rng.randint(0, 10**6), rpc_method=rng.choice(["a", "b"])) for _ in range(300)]
+    whole = log_parts(events)
+    pieces = [log_parts(events[i : i + 37]) for i in range(0, len(events), 37)]
+    merged = fold((key, acc) for piece in pieces for key, acc in piece.items())
+    assert set(merged) == set(whole)
+    for key in whole:
+        assert merged[key].sums == whole[key].sums
+        assert merged[key].sketch.to_bytes() == whole[key].sketch.to_bytes()
+
+
+def _random_hourly(rng: np.random.Generator) -> tuple[dict[Any, Acc], dict[Any, list[int]]]:
+    hourly: dict[Any, Acc] = {}
+    values: dict[Any, list[int]] = {}
+    for server in (NO_SERVER, SERVER):
+        for method in ("a", NO_METHOD):
+            for hour in range(0, 48, 5):
+                x = rng.lognormal(4, 1.5, size=int(rng.integers(1, 200))).astype(np.int64)
+                w = datetime(2026, 11, 21, tzinfo=UTC) + timedelta(hours=hour)
+                key = (w, ORG, server, method)
+                hourly[key] = Acc(
+                    [len(x), int(x.size // 3), 1, 2], QuantileSketch.from_values(x, LOG_PARTS.alpha)
+                )
+                values[key] = x.tolist()
+    return hourly, values
+
+
+def test_levels_and_daily_are_exact_merges() -> None:
+    hourly, values = _random_hourly(np.random.default_rng(9))
+    servers = server_level(hourly.items())
+    orgs = org_level(servers.items())
+    for (w, _o, s, m), acc in servers.items():
+        assert m is None
+        members = [k for k in values if k[0] == w and k[2] == s]
+        exact = [v for k in members for v in values[k]]
+        assert acc.sums[0] == len(exact)
+        assert acc.sketch == QuantileSketch.from_values(exact, LOG_PARTS.alpha)
+    for (w, _o, s, m), acc in orgs.items():
+        assert s is None and m is None
+        exact = [v for k in values if k[0] == w for v in values[k]]
+        assert acc.sketch == QuantileSketch.from_values(exact, LOG_PARTS.alpha)
+    # Daily rows at each level are the merge of that level's hourly rows of the day.
+    every_level = {
+        **hourly,
+        **server_level(hourly.items()),
+        **org_level(server_level(hourly.items()).items()),
+    }
+    daily = daily_from_hourly(every_level.items())
+    for (d, _o, s, m), acc in daily.items():
+        exact = [
+            v
+            for (w, _o, ks, km), xs in values.items()
+            if day_of(w) == d and (s is None or ks == s) and (m is None or km == m)
+            for v in xs
+        ]
+        assert acc.sums[0] == len(exact)
+        assert acc.sketch.to_bytes() == QuantileSketch.from_values(exact, LOG_PARTS.alpha).to_bytes()
+        row = log_values(acc)
+        for q, got in zip((0.5, 0.95, 0.99), (row.p50, row.p95, row.p99), strict=True):
+            assert within_contract(got, float(np.quantile(exact, q, method="lower")))
+        assert row.avg == pytest.approx(np.mean(exact), rel=1e-12)
+    assert {k[2:] for k in daily} == {
+        (NO_SERVER, "a"),
+        (NO_SERVER, NO_METHOD),
+        (SERVER, "a"),
+        (SERVER, NO_METHOD),
+        (NO_SERVER, None),
+        (SERVER, None),
+        (None, None),
+    }
+
+
+def test_log_values_reject_a_sketch_that_disagrees_with_the_count() -> None:
+    acc = Acc([3, 0, 0, 0], QuantileSketch.from_values([1, 2], LOG_PARTS.alpha))
+    with pytest.raises(ValueError, match="2 durations for 3"):
+        log_values(acc)
+
+
+def test_usage_parts_users_and_status() -> None:
+    project = str(uuid.UUID(int=11))
+    events = [
+        event(model="m", input_tokens=5, cost_cents=2, user_id="u1", project_id=project),
+        event(model="m", output_tokens=7, user_id="u2", project_id=project, status="timeout"),
+        event(model="m", user_id="u1", project_id=project, status_code=503),
+        event(input_tokens=1),  # no model, project or user
+        event(user_id="u9"),  # no usage fields: ignored
+    ]
+    parts = usage_parts(events)
+    hour = datetime(2026, 11, 23, 10, tzinfo=UTC)
+    day = datetime(2026, 11, 23, tzinfo=UTC)
+    assert parts.hourly[(hour, ORG, project, "m")].sums == [3, 1, 1, 5, 7, 0, 2]
+    assert parts.hourly[(hour, ORG, NO_PROJECT, NO_MODEL)].sums == [1, 1, 0, 1, 0, 0, 0]
+    assert parts.daily_users[(day, ORG, project, "m", "u1")].sums[0] == 2
+    assert parts.daily_users[(day, ORG, NO_PROJECT, NO_MODEL, NO_USER)].sums[0] == 1
+    assert parts.hour_users == [(hour, ORG, project, "m", "u1"), (hour, ORG, project, "m", "u2")]
+    assert [usage_status(e) for e in events[:3]] == ["success", "timeout", "error"]
+    row = usage_values(parts.hourly[(hour, ORG, project, "m")], unique_users=2)
+    assert row.unique_users == 2 and row.p50 == pytest.approx(10, rel=0.01)
+
+
+def test_usage_and_mcp_rows() -> None:
+    e = event(
+        event_type="mcp_tool",
+        server_id=SERVER,
+        mcp_tool_name="search",
+        status="rate_limited",
+        bytes_in=2**40,
+        duration_ms=33,
+        model="m",
+    )
+    row = dict(
+        zip(
+            ("time", "org", "project", "user", "server", "tool", "request", "latency", "status", "in", "out"),
+            mcp_usage_row(e),
+            strict=True,
+        )
+    )
+    assert row["status"] == "blocked" and row["tool"] == "search" and row["in"] == 2**31 - 1
+    assert row["request"] == e.event_id and row["latency"] == 33
+    usage = usage_event_row(e)
+    assert usage[5] == e.event_id and usage[13] == 33 and usage[15] == SERVER and usage[17] == "rate_limited"
+    plain = usage_event_row(event(model="m", server_id=SERVER))
+    assert plain[15] is None  # mcp_server_id only for MCP tool calls
+
+
+SQL = [
+    read_sql(LOG_PARTS),
+    upsert_sql(LOG_PARTS),
+    upsert_sql(USAGE_USER_PARTS),
+    *(
+        f(t)
+        for t in (LOG_PARTS, USAGE_PARTS, USAGE_USER_PARTS)
+        for f in (merger.dirty_sql, merger.load_sql, merger.mark_sql)
+    ),
+]
+
+
+@pytest.mark.parametrize("sql", SQL)
+def test_generated_sql_parses(sql: str) -> None:
+    assert len(pglast.parse_sql(sql)) == 1
+
+
+def test_mark_only_touches_the_version_read() -> None:
+    # The race protection lives in these predicates: never mark a part whose version moved on,
+    # never wait for a row a batch holds.
+    sql = merger.mark_sql(LOG_PARTS)
+    assert "p.version = r.ver" in sql and "SKIP LOCKED" in sql and "SET merged_version = l.ver" in sql
+    assert "WHERE p.version = EXCLUDED.version - 1" in upsert_sql(LOG_PARTS)
