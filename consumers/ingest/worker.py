@@ -26,7 +26,6 @@ from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from pipeline.event import ValidationPolicy
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from tenacity import AsyncRetrying, wait_random_exponential
 
@@ -35,6 +34,7 @@ from consumers.ingest.dlq import DeadLetterLimit, DeadLetterLimitExceeded
 from consumers.ingest.flush import FlushContext, FlushReport, flush
 from consumers.ingest.health import HealthServer
 from pipeline import failpoints
+from pipeline.event import ValidationPolicy
 from pipeline.metrics import WorkerMetrics
 from pipeline.settings import Settings
 from sinks.db import Connection

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from pipeline.logs import configure_logging
-from pipeline.settings import load_settings
+from pipeline.settings import Settings, load_settings
 
 
 @click.command("ingest")
@@ -22,10 +22,10 @@ def command(env_file: Path | None) -> None:
     sys.exit(asyncio.run(_run(settings)))
 
 
-async def _run(settings: object) -> int:
+async def _run(settings: Settings) -> int:
     from consumers.ingest.factory import build_worker
 
-    worker = build_worker(settings)  # type: ignore[arg-type]
+    worker = build_worker(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.request_stop)

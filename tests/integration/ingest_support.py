@@ -201,7 +201,7 @@ async def verify_exactly_once(database_url: str, settings: Settings, traffic: Tr
             response = await s3.get_object(Bucket=bucket, Key=key)
             async with response["Body"] as stream:
                 bodies[uri] = await stream.read()
-    for uri, body in bodies.items():
+    for body in bodies.values():
         for line in gzip.decompress(body).splitlines():  # plain gzip reads the whole object
             orjson.loads(line)
     for r in rows:
@@ -210,7 +210,8 @@ async def verify_exactly_once(database_url: str, settings: Settings, traffic: Tr
         assert traffic.valid[r["id"]] in lines, f"pointer of {r['id']} does not lead to the event"
     letters = await read_dead_letters(settings)
     assert set(letters) == set(traffic.invalid), (
-        f"dead letters missing {set(traffic.invalid) - set(letters)}, unexpected {set(letters) - set(traffic.invalid)}"
+        f"dead letters missing {set(traffic.invalid) - set(letters)}, "
+        f"unexpected {set(letters) - set(traffic.invalid)}"
     )
     for coords, reason in traffic.invalid.items():
         assert letters[coords] == reason, f"{coords}: reason {letters[coords]!r}, expected {reason!r}"
