@@ -13,17 +13,17 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 
 import asyncpg
-from pipeline.event import InvalidEvent, ValidationPolicy, ValidEvent, validate_event
 from tenacity import AsyncRetrying, retry_if_not_exception_type, wait_random_exponential
 
 from consumers.ingest.batch import Batch
 from consumers.ingest.dlq import DeadLetter, DeadLetterLimit, send_dead_letters
 from pipeline import failpoints
+from pipeline.event import InvalidEvent, ValidationPolicy, ValidEvent, validate_event
 from pipeline.metrics import WorkerMetrics
 from sinks.db import Connection
 from sinks.index import (
@@ -42,14 +42,34 @@ T = TypeVar("T")
 GroupKey = tuple[str, date, str | None]
 
 
+# An upload held longer than this while Postgres retries is re-uploaded under a new key before
+# the commit: the janitor's orphan grace (6 h by default) can then never delete an object that a
+# slow commit is about to point at.
+REUPLOAD_AFTER_S = 3600.0
+
+
 @dataclass(slots=True)
 class PendingObject:
+    group: GroupKey
     key: str
     uri: str
     body: bytes
     record: ObjectRecord
     indexed: list[IndexedEvent]
-    uploaded: bool = False
+    uploaded_at: float | None = None
+
+    @property
+    def uploaded(self) -> bool:
+        return self.uploaded_at is not None
+
+    def rekey(self, bucket: str, topic: str) -> None:
+        """Point this object (and its events' pointers) at a fresh key, not yet uploaded."""
+        org, day, server = self.group
+        self.key = object_key(org, day, server, topic)
+        self.uri = object_uri(bucket, self.key)
+        self.indexed = [IndexedEvent(i.event, self.uri, i.byte_offset, i.byte_length) for i in self.indexed]
+        self.record = replace(self.record, object_uri=self.uri)
+        self.uploaded_at = None
 
 
 @dataclass(slots=True)
@@ -143,7 +163,7 @@ def _encode(ctx: FlushContext, bucket: str, events: list[ValidEvent]) -> list[Pe
             for event, (offset, length) in zip(members, encoded.pointers, strict=True)
         ]
         record = ObjectRecord(uri, org, day, len(members), len(encoded.body))
-        pending.append(PendingObject(key, uri, encoded.body, record, indexed))
+        pending.append(PendingObject((org, day, server), key, uri, encoded.body, record, indexed))
     return pending
 
 
@@ -176,10 +196,20 @@ async def flush(ctx: FlushContext, batch: Batch) -> FlushReport:
 
         t0 = time.perf_counter()
         days = {e.started_at.date() for e in valid}
-        indexed = [i for p in pending for i in p.indexed]
-        records = [p.record for p in pending]
 
         async def commit() -> BatchOutcome:
+            stale = [
+                p
+                for p in pending
+                if p.uploaded_at is not None and time.monotonic() - p.uploaded_at > REUPLOAD_AFTER_S
+            ]
+            if stale:
+                ctx.metrics.orphaned_uploads.inc(len(stale))
+                for p in stale:
+                    p.rekey(ctx.objects.bucket, ctx.topic)
+                await _upload_all(ctx, pending)
+            indexed = [i for p in pending for i in p.indexed]
+            records = [p.record for p in pending]
             async with ctx.pool.acquire() as conn:
                 if ctx.ensure_partitions is not None and days:
                     await ctx.ensure_partitions(conn, days)
@@ -218,7 +248,7 @@ async def flush(ctx: FlushContext, batch: Batch) -> FlushReport:
 async def _upload_all(ctx: FlushContext, pending: list[PendingObject]) -> None:
     async def one(p: PendingObject) -> None:
         await ctx.objects.put(p.key, p.body)
-        p.uploaded = True
+        p.uploaded_at = time.monotonic()
         failpoints.hit("during_upload")
 
     # A TaskGroup cancels the sibling uploads when one fails, so a retry never races a stale upload.

@@ -3,27 +3,40 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import date
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
 import click
 import orjson
 
-from pipeline.settings import load_settings
+from pipeline.settings import Settings, load_settings
+from sinks.janitor import expire_objects, sweep_orphans
+from sinks.objects import s3_client
 from sinks.partitions import DEFAULT_DAYS_AHEAD, PartitionError, create_ahead, drop_expired
 
 
 async def _run(
-    database_url: str, days_ahead: int, retention_days: int
-) -> tuple[dict[str, list[date]], list[date]]:
-    conn = await asyncpg.connect(database_url)
+    settings: Settings, days_ahead: int, retention_days: int, orphan_grace: timedelta | None
+) -> dict[str, object]:
+    conn = await asyncpg.connect(settings.database_url.get_secret_value())
     try:
         created = await create_ahead(conn, days_ahead)
         dropped = await drop_expired(conn, retention_days)
+        # Index rows first (above), then their objects: a failure in between leaves objects with
+        # ledger rows, deleted on the next run, never an index row pointing at nothing.
+        cutoff = datetime.now(UTC).date() - timedelta(days=retention_days)
+        async with s3_client(settings) as s3:
+            expired = await expire_objects(conn, s3, before=cutoff)
+            orphans = await sweep_orphans(conn, s3, settings.s3_bucket, orphan_grace) if orphan_grace else []
     finally:
         await conn.close()
-    return created, dropped
+    return {
+        "created": {table: [d.isoformat() for d in days] for table, days in created.items() if days},
+        "dropped_days": [d.isoformat() for d in dropped],
+        "expired_objects": expired,
+        "orphans_deleted": len(orphans),
+    }
 
 
 @click.command("maintain")
@@ -41,23 +54,29 @@ async def _run(
     default=None,
     help="Drop days older than this. Default: OMNILOG_MAX_EVENT_AGE_DAYS, the oldest accepted event.",
 )
-def command(env_file: Path | None, days_ahead: int, retention_days: int | None) -> None:
-    """Create partitions ahead and drop those past retention; print one JSON summary line.
+@click.option(
+    "--orphan-grace-hours",
+    type=click.FloatRange(min=0),
+    default=6.0,
+    show_default=True,
+    help="Delete objects no committed batch recorded once older than this; 0 disables the sweep. "
+    "Must exceed how long a flush may hold an upload before committing (it re-uploads after 1 h).",
+)
+def command(
+    env_file: Path | None, days_ahead: int, retention_days: int | None, orphan_grace_hours: float
+) -> None:
+    """Create partitions ahead, drop those past retention with their objects, sweep orphans.
 
-    `dropped_days` are the UTC dates whose index rows are gone: the objects of those dates may
-    be deleted from the bucket.
+    Prints one JSON summary line.
     """
     settings = load_settings(env_file)
     keep = retention_days or settings.max_event_age_days
+    grace = timedelta(hours=orphan_grace_hours) if orphan_grace_hours > 0 else None
     try:
-        created, dropped = asyncio.run(_run(settings.database_url.get_secret_value(), days_ahead, keep))
+        summary = asyncio.run(_run(settings, days_ahead, keep, grace))
     except PartitionError as exc:
         raise click.ClickException(str(exc)) from None
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise click.ClickException(f"database (OMNILOG_DATABASE_URL): {type(exc).__name__}: {exc}") from None
-    summary = {
-        "created": {table: [d.isoformat() for d in days] for table, days in created.items() if days},
-        "dropped_days": [d.isoformat() for d in dropped],
-        "retention_days": keep,
-    }
+    summary["retention_days"] = keep
     click.echo(orjson.dumps(summary).decode())
