@@ -27,7 +27,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -55,7 +55,8 @@ MERGER_LOCK_KEY: Final = 0x6F6D6E696D7267
 DEFAULT_LIMIT: Final = 5000
 QUANTILES: Final = (0.5, 0.95, 0.99)
 
-LogKey = tuple[datetime, str, str | None, str | None]  # window, org, server, method (None: all)
+# (window, org, server, method); None in server/method means "all"
+LogKey = tuple[Any, ...]
 
 
 def _text(value: object) -> object:
@@ -122,17 +123,17 @@ def usage_values(acc: Acc, unique_users: int) -> UsageValues:
     return UsageValues(tuple(acc.sums), acc.sketch.mean, p50, p95, p99, unique_users, acc.sketch.to_bytes())
 
 
-def server_level(leaves: Iterable[tuple[LogKey, Acc]]) -> dict[Hashable, Acc]:
+def server_level(leaves: Iterable[tuple[LogKey, Acc]]) -> dict[LogKey, Acc]:
     """Per (hour, org, server) rows (method NULL) from per-method rows."""
     return fold(((w, o, s, None), acc) for (w, o, s, _m), acc in leaves)
 
 
-def org_level(servers: Iterable[tuple[LogKey, Acc]]) -> dict[Hashable, Acc]:
+def org_level(servers: Iterable[tuple[LogKey, Acc]]) -> dict[LogKey, Acc]:
     """Per (hour, org) rows (server and method NULL) from per-server rows."""
     return fold(((w, o, None, None), acc) for (w, o, _s, _m), acc in servers)
 
 
-def daily_from_hourly(hourly: Iterable[tuple[LogKey, Acc]]) -> dict[Hashable, Acc]:
+def daily_from_hourly(hourly: Iterable[tuple[LogKey, Acc]]) -> dict[LogKey, Acc]:
     """Daily rows as the merge of their day's hourly rows, at the level of each row."""
     return fold(((day_of(w), o, s, m), acc) for (w, o, s, m), acc in hourly)
 

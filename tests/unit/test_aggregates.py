@@ -109,7 +109,7 @@ def test_hour_and_day_boundaries() -> None:
         event(started_at="2026-11-23T03:00:00.000+03:00"),  # = 00:00 UTC
     ]
     parts = log_parts(events)
-    counts = {key[0]: acc.sums[0] for key, acc in parts.items()}
+    counts: dict[datetime, int] = {key[0]: acc.sums[0] for key, acc in parts.items()}  # type: ignore[misc]
     assert counts == {
         datetime(2026, 11, 22, 23, tzinfo=UTC): 1,
         datetime(2026, 11, 23, 0, tzinfo=UTC): 3,

@@ -1,0 +1,300 @@
+"""Per-partition parts + merger vs direct row merges, under contention on hot organization rows.
+
+Each writer is its own process (as ingest workers are) and commits batches of `--batch` events
+of one hot organization (4 servers x 5 methods, 95 % in the current hour, 5 % up to 6 hours
+late), one transaction per batch:
+
+- ``parts``: the batch is merged into the log_aggregates parts of the writer's own partition
+  (sinks/aggregate_parts.py); a merger task (sinks/merger.py) runs every `--merge-interval` s.
+- ``direct``: the batch merges straight into log_aggregates' rows at all three levels, hourly and
+  daily: placeholder rows inserted in sorted key order, then ``SELECT ... ORDER BY key FOR UPDATE``
+  (sorted, so concurrent writers cannot deadlock), sketches merged in Python, one UPDATE.
+- ``full``: what the worker really runs per batch: usage_events/mcp_usage rows and the log and
+  usage parts (the merger folds all of them).
+
+Reported per strategy and writer count: the batch transaction's latency (p50 / p95 / max), the
+throughput across writers, and for ``parts`` the merge passes and the lag until a batch is
+visible in log_aggregates.
+
+    .venv/bin/python bench/aggregate_contention.py --database-url postgresql://... [--batches 8]
+
+A scratch database is created next to the given one and dropped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import statistics
+import time
+import uuid
+from concurrent.futures import ProcessPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import orjson
+
+from pipeline.event import ValidationPolicy, ValidEvent, validate_event
+from pipeline.sketch import QuantileSketch
+from sinks.aggregate_parts import LOG_PARTS, Acc, AggregatePartsWriter, log_parts, merge_into_parts
+from sinks.merger import daily_from_hourly, log_values, merge_until_clean, org_level, server_level
+from sinks.migrate import migrate
+from sinks.partitions import ensure_day_partitions
+from sinks.usage import UsageRowsWriter
+
+HOT_ORG = str(uuid.UUID(int=0xFEED))
+SERVERS = [str(uuid.UUID(int=0x5E00 + i)) for i in range(4)]
+METHODS = ["tools/call", "tools/list", "resources/read", "prompts/get", "initialize"]
+POLICY = ValidationPolicy(timedelta(days=90), timedelta(hours=1))
+
+
+def make_batch(rng: random.Random, size: int, now: datetime) -> list[ValidEvent]:
+    out = []
+    for _ in range(size):
+        late = rng.random() < 0.05
+        started = (
+            now - timedelta(hours=rng.uniform(1, 6)) if late else now - timedelta(seconds=rng.uniform(0, 60))
+        )
+        body: dict[str, Any] = {
+            "event_id": str(uuid.UUID(int=rng.getrandbits(128))),
+            "organization_id": HOT_ORG,
+            "started_at": started.isoformat(),
+            "duration_ms": int(rng.lognormvariate(4, 1)),
+            "server_id": rng.choice(SERVERS),
+            "rpc_method": rng.choice(METHODS),
+            "status_code": rng.choice([200, 200, 200, 500]),
+            "bytes_in": rng.randint(0, 4000),
+            "bytes_out": rng.randint(0, 40000),
+            "user_id": f"user-{rng.randint(1, 200)}",
+        }
+        if rng.random() < 0.4:
+            body |= {"model": rng.choice(["a", "b"]), "input_tokens": rng.randint(1, 900), "cost_cents": 1}
+            if rng.random() < 0.3:
+                body |= {"event_type": "mcp_tool", "mcp_tool_name": "search"}
+        event = validate_event(orjson.dumps(body), now, POLICY)
+        assert isinstance(event, ValidEvent)
+        out.append(event)
+    return out
+
+
+# ---- the direct strategy ------------------------------------------------------------------------
+
+_PLACEHOLDERS = """
+INSERT INTO log_aggregates (organization_id, server_id, rpc_method, window_type, window_start)
+SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::aggregation_window_enum[], $5::timestamptz[])
+ON CONFLICT ON CONSTRAINT log_aggregates_key DO NOTHING
+"""
+_LOCK = """
+SELECT a.id, k.i, a.total_requests, a.error_requests, a.total_bytes_in, a.total_bytes_out, a.duration_sketch
+FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::aggregation_window_enum[], $5::timestamptz[])
+    WITH ORDINALITY AS k(o, s, m, w, t, i)
+JOIN log_aggregates a ON a.organization_id = k.o AND a.server_id IS NOT DISTINCT FROM k.s
+ AND a.rpc_method IS NOT DISTINCT FROM k.m AND a.window_type = k.w AND a.window_start = k.t
+ORDER BY a.organization_id, a.server_id NULLS FIRST, a.rpc_method NULLS FIRST, a.window_type, a.window_start
+FOR UPDATE OF a
+"""
+_UPDATE = """
+UPDATE log_aggregates a SET total_requests = v.total, success_requests = v.success,
+    error_requests = v.errors, p50_duration_ms = v.p50, p95_duration_ms = v.p95,
+    p99_duration_ms = v.p99, avg_duration_ms = v.avg, total_bytes_in = v.bin,
+    total_bytes_out = v.bout, duration_sketch = v.sketch
+FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::int[], $6::int[], $7::int[],
+    $8::float8[], $9::bigint[], $10::bigint[], $11::bytea[])
+    AS v(id, total, success, errors, p50, p95, p99, avg, bin, bout, sketch)
+WHERE a.id = v.id
+"""
+
+
+def _sort_key(key: tuple[Any, ...]) -> tuple[Any, ...]:
+    window_type, start, org, server, method = key
+    return (org, server is not None, server or "", method is not None, method or "", window_type, start)
+
+
+async def direct_write(conn: asyncpg.Connection, events: list[ValidEvent]) -> None:
+    leaves = log_parts(events)
+    servers = server_level(leaves.items())
+    orgs = org_level(servers.items())
+    hourly: dict[tuple[Any, ...], Acc] = {**leaves, **servers, **orgs}
+    rows: dict[tuple[Any, ...], Acc] = {("hourly", *k): a for k, a in hourly.items()}
+    rows |= {("daily", *k): a for k, a in daily_from_hourly(hourly.items()).items()}
+    keys = sorted(rows, key=_sort_key)
+    columns = [
+        [k[2] for k in keys],
+        [k[3] for k in keys],
+        [k[4] for k in keys],
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+    ]
+    await conn.execute(_PLACEHOLDERS, *columns)
+    locked = await conn.fetch(_LOCK, *columns)
+    ids, values = [], []
+    for row in locked:
+        acc = rows[keys[row["i"] - 1]]
+        if row["duration_sketch"] is not None:
+            acc.merge(
+                Acc(
+                    [
+                        row["total_requests"],
+                        row["error_requests"],
+                        row["total_bytes_in"],
+                        row["total_bytes_out"],
+                    ],
+                    QuantileSketch.from_bytes(row["duration_sketch"]),
+                )
+            )
+        ids.append(row["id"])
+        values.append(log_values(acc))
+    await conn.execute(
+        _UPDATE,
+        ids,
+        [v.total for v in values],
+        [v.success for v in values],
+        [v.errors for v in values],
+        [v.p50 for v in values],
+        [v.p95 for v in values],
+        [v.p99 for v in values],
+        [v.avg for v in values],
+        [v.bytes_in for v in values],
+        [v.bytes_out for v in values],
+        [v.sketch for v in values],
+    )
+
+
+# ---- one writer process ---------------------------------------------------------------------------
+
+
+async def _writer(
+    url: str, strategy: str, partition: int, batches: int, size: int, start_at: float
+) -> dict[str, Any]:
+    rng = random.Random(1000 + partition)
+    now = datetime.now(UTC)
+    prepared = [make_batch(rng, size, now) for _ in range(batches)]
+    conn = await asyncpg.connect(url)
+    parts, usage = AggregatePartsWriter(), UsageRowsWriter()
+    latencies: list[float] = []
+    committed: list[float] = []
+    try:
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        for batch in prepared:
+            t0 = time.perf_counter()
+            async with conn.transaction():
+                if strategy == "direct":
+                    await direct_write(conn, batch)
+                elif strategy == "parts":
+                    await merge_into_parts(conn, LOG_PARTS, partition, log_parts(batch))
+                else:
+                    await usage.write(conn, batch, partition)
+                    await parts.write(conn, batch, partition)
+            latencies.append(time.perf_counter() - t0)
+            committed.append(time.time())
+    finally:
+        await conn.close()
+    return {"latencies": latencies, "committed": committed}
+
+
+def _writer_process(
+    url: str, strategy: str, partition: int, batches: int, size: int, start_at: float
+) -> dict[str, Any]:
+    return asyncio.run(_writer(url, strategy, partition, batches, size, start_at))
+
+
+async def _merger(
+    url: str, interval: float, stop: asyncio.Event, passes: list[tuple[float, float, int]]
+) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            stats = await merge_until_clean(conn)
+            if stats is not None and stats.parts_read:
+                passes.append((time.time(), time.perf_counter() - t0, stats.parts_read))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+    finally:
+        await conn.close()
+
+
+def _ms(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return 1000 * ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1)))]
+
+
+async def run_case(
+    admin_url: str, strategy: str, writers: int, batches: int, size: int, merge_interval: float
+) -> dict[str, Any]:
+    name = f"bench_agg_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(admin_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = admin_url.rsplit("/", 1)[0] + "/" + name
+    try:
+        await migrate(url)
+        conn = await asyncpg.connect(url)
+        today = datetime.now(UTC).date()
+        for table in ("usage_events", "mcp_usage"):
+            await ensure_day_partitions(conn, table, [today - timedelta(days=1), today])
+        await conn.close()
+        stop = asyncio.Event()
+        passes: list[tuple[float, float, int]] = []
+        merging = (
+            asyncio.create_task(_merger(url, merge_interval, stop, passes)) if strategy != "direct" else None
+        )
+        start_at = time.time() + 3.0  # all writers start together, after generating their batches
+        loop = asyncio.get_running_loop()
+        with ProcessPoolExecutor(writers) as pool:
+            futures = [
+                loop.run_in_executor(pool, _writer_process, url, strategy, p, batches, size, start_at)
+                for p in range(writers)
+            ]
+            results = await asyncio.gather(*futures)
+        finished = time.time()
+        if merging is not None:
+            await asyncio.sleep(merge_interval * 1.5)
+            stop.set()
+            await merging
+        latencies = [x for r in results for x in r["latencies"]]
+        last_commit = max(c for r in results for c in r["committed"])
+        visible_after = [t for t, _, _ in passes if t >= last_commit]
+        return {
+            "strategy": strategy,
+            "writers": writers,
+            "batches": len(latencies),
+            "events_per_s": round(len(latencies) * size / (finished - start_at)),
+            "batch_ms_p50": round(_ms(latencies, 0.5), 1),
+            "batch_ms_p95": round(_ms(latencies, 0.95), 1),
+            "batch_ms_max": round(_ms(latencies, 1.0), 1),
+            "merge_passes": len(passes),
+            "merge_ms_p50": round(statistics.median(d for _, d, _ in passes) * 1000, 1) if passes else None,
+            "merge_ms_max": round(max(d for _, d, _ in passes) * 1000, 1) if passes else None,
+            "last_batch_visible_s": round(visible_after[0] - last_commit, 2) if visible_after else None,
+        }
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--database-url", default=os.environ.get("OMNILOG_DATABASE_URL"))
+    parser.add_argument("--batches", type=int, default=8, help="batches per writer")
+    parser.add_argument("--batch", type=int, default=5000, help="events per batch")
+    parser.add_argument("--merge-interval", type=float, default=2.0)
+    parser.add_argument("--strategies", default="parts,direct,full")
+    parser.add_argument("--writers", default="1,3")
+    args = parser.parse_args()
+    if not args.database_url:
+        parser.error("--database-url or OMNILOG_DATABASE_URL is required")
+    for writers in (int(w) for w in args.writers.split(",")):
+        for strategy in args.strategies.split(","):
+            result = await run_case(
+                args.database_url, strategy, writers, args.batches, args.batch, args.merge_interval
+            )
+            print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
