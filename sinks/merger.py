@@ -46,6 +46,7 @@ from sinks.aggregate_parts import (
     fold,
     key_columns,
 )
+from sinks.aggregate_timescale import ensure_rollup_views
 from sinks.db import Connection
 
 log = logging.getLogger("omnilog.merger")
@@ -507,12 +508,16 @@ class MergerLoop:
         self.max_event_age_days = max_event_age_days
         self.limit = limit
         self._last_prune = 0.0
+        self._views_ready = False
 
     async def __call__(self, pool: asyncpg.Pool, metrics: WorkerMetrics | None = None) -> None:
         while True:
             started = time.perf_counter()
             try:
                 async with pool.acquire() as conn:
+                    if not self._views_ready:
+                        await ensure_rollup_views(conn, self.max_event_age_days)
+                        self._views_ready = True
                     stats = await merge_until_clean(conn, self.limit)
                     if time.monotonic() - self._last_prune > PRUNE_EVERY_S:
                         await prune_parts(conn, self.max_event_age_days)

@@ -187,11 +187,13 @@ def usage(env_file: Path | None, org: str, window: str, since: str, until: str |
 @click.option("--wait", default=30.0, show_default=True, help="Seconds to wait for a busy merger lock.")
 def merge(env_file: Path | None, wait: float) -> None:
     """Run merge passes until no part is dirty (waits while another merger holds the lock)."""
+    from sinks.aggregate_timescale import ensure_rollup_views
     from sinks.merger import merge_until_clean
 
     settings = load_settings(env_file)
 
     async def run(conn: Any) -> Any:
+        await ensure_rollup_views(conn, settings.max_event_age_days)
         deadline = asyncio.get_running_loop().time() + wait
         while True:
             stats = await merge_until_clean(conn)

@@ -205,6 +205,8 @@ async def verify_rollups(database_url: str, oracle: Oracle) -> dict[str, int]:
         usage_events = await conn.fetchval("SELECT count(*) FROM usage_events")
         mcp_rows = await conn.fetchval("SELECT count(*) FROM mcp_usage")
         usage_ids = await conn.fetchval("SELECT count(DISTINCT request_id) FROM usage_events")
+        # The plain-counts rollup (a view natively, a continuous aggregate with TimescaleDB).
+        mcp_hourly = await conn.fetchval("SELECT coalesce(sum(calls), 0) FROM mcp_usage_hourly")
     finally:
         await conn.close()
     assert dirty == 0, f"{dirty} parts left unmerged"
@@ -241,7 +243,7 @@ async def verify_rollups(database_url: str, oracle: Oracle) -> dict[str, int]:
             assert merged.to_bytes() == bytes(r["duration_sketch"]), (start, org, server, method)
 
     assert usage_events == usage_ids == oracle.usage_events
-    assert mcp_rows == oracle.mcp_calls
+    assert mcp_rows == mcp_hourly == oracle.mcp_calls
     _verify_usage(
         {(r["bucket"], str(r["org_id"]), str(r["project_id"]), r["model"]): r for r in hourly_usage},
         oracle.usage_hourly,
