@@ -1,0 +1,85 @@
+"""`omnilog bench`: the benchmark harness (docs/performance.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import click
+
+
+@click.command("bench")
+@click.option("--quick", is_flag=True, help="Small sizes for a CI smoke run (under 2 minutes).")
+@click.option(
+    "--use-env",
+    is_flag=True,
+    help="Reuse the running stack described by OMNILOG_*/AWS_* variables (e.g. `source .omnilog/stack.env`) "
+    "instead of starting one.",
+)
+@click.option(
+    "--root",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Root of the stack the run starts (default: a fresh directory under /tmp); "
+    "it is stopped and purged afterwards.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("bench/results"),
+    show_default=True,
+    help="Where the results JSON (timestamped + latest.json), bench.md and bench.png go.",
+)
+@click.option("--profile", is_flag=True, help="py-spy the 1-worker drain (profile.svg/.txt under --out).")
+@click.option("--no-chart", is_flag=True, help="Skip the PNG chart.")
+def command(quick: bool, use_env: bool, root: Path | None, out: Path, profile: bool, no_chart: bool) -> None:
+    """Measure ingest throughput, freshness and memory against the ceilings and a faust peer."""
+    from pipeline.bench import report
+    from pipeline.bench.env import BenchEnv, info_from_environment, own_stack
+    from pipeline.bench.runner import Plan, run
+
+    logging.basicConfig(level=logging.WARNING)
+    plan = Plan.quick() if quick else Plan.full()
+
+    def say(line: str) -> None:
+        click.echo(f"bench: {line}", err=True)
+
+    work = Path(tempfile.mkdtemp(prefix="omnilog-bench-work-"))
+    with contextlib.ExitStack() as stack:
+        if use_env:
+            try:
+                info = info_from_environment()
+            except ValueError as exc:
+                raise click.UsageError(str(exc)) from None
+        else:
+            say("starting the embedded stack ...")
+            info = stack.enter_context(own_stack(root))
+        env = BenchEnv(info)
+
+        async def main() -> dict[str, object]:
+            try:
+                return await run(env, plan, work, say, profile=profile)
+            finally:
+                await env.cleanup()
+
+        try:
+            result = asyncio.run(main())
+        except BaseException:
+            say(f"failed; worker and peer logs are kept in {work / 'logs'}")
+            raise
+    path = report.write_json(result, out)
+    table = report.markdown(result)
+    (out / f"bench-{plan.mode}.md").write_text(table)
+    if profile and (work / "profile").exists():
+        for name in ("profile.svg", "profile.txt"):
+            if (work / "profile" / name).exists():
+                shutil.copy(work / "profile" / name, out / name)
+    if not no_chart:
+        report.chart(result, out / "bench.png")
+    shutil.rmtree(work, ignore_errors=True)
+    click.echo(table)
+    say(f"results: {path} (and {out / 'latest.json'})")
