@@ -15,7 +15,7 @@ import signal
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -291,8 +291,8 @@ def _verify_usage(
 
 
 async def test_rollups_exact_after_crashes_restarts_two_workers_duplicates_and_late_events(
-    fresh_database_url, make_settings, tmp_path: Path
-):
+    fresh_database_url: str, make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
     settings = make_settings(
         database_url=fresh_database_url,
         batch_max_events=80,
@@ -382,7 +382,9 @@ async def _row_count(conn: asyncpg.Connection, window: str, event: dict[str, Any
     )
 
 
-async def test_a_committed_event_shows_in_hourly_and_daily_rows_within_10s(fresh_database_url, make_settings):
+async def test_a_committed_event_shows_in_hourly_and_daily_rows_within_10s(
+    fresh_database_url: str, make_settings: Callable[..., Settings]
+) -> None:
     settings = make_settings(database_url=fresh_database_url)  # default batch age and merge interval
     assert settings.merge_interval_s == 2.0
     await migrate(fresh_database_url)
@@ -467,7 +469,7 @@ async def _write(
         await conn.close()
 
 
-async def _leaf(conn: asyncpg.Connection) -> tuple[int, int]:
+async def _leaf(conn: asyncpg.Connection) -> tuple[int, Any]:
     row = await conn.fetchrow(
         "SELECT total_requests, p99_duration_ms FROM log_aggregates"
         " WHERE rpc_method = 'race' AND window_type = 'hourly'"
@@ -476,7 +478,9 @@ async def _leaf(conn: asyncpg.Connection) -> tuple[int, int]:
     return row["total_requests"], row["p99_duration_ms"]
 
 
-async def test_merger_never_marks_a_part_written_after_it_read_it(fresh_database_url, monkeypatch):
+async def test_merger_never_marks_a_part_written_after_it_read_it(
+    fresh_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     await migrate(fresh_database_url)
     conn = await asyncpg.connect(fresh_database_url)
     try:
