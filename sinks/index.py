@@ -102,12 +102,20 @@ LOG_INDEX_COLUMNS = (
 )
 _COLS = ", ".join(LOG_INDEX_COLUMNS)
 
+# The stage holds remote_ip as text, cast to INET by the INSERT: asyncpg's binary INET encoder
+# parses every address with the `ipaddress` module (about 9% of a worker's CPU when it did), while
+# PostgreSQL parses text in C, in its own process. validate_event only passes literals INET accepts.
+_STAGE_SELECT = ", ".join(f"{c}::text AS {c}" if c == "remote_ip" else c for c in LOG_INDEX_COLUMNS)
+_FROM_STAGE = ", ".join(f"{c}::inet" if c == "remote_ip" else c for c in LOG_INDEX_COLUMNS)
+_STAGE = "log_index_stage_v2"
 _CREATE_STAGE = (
-    "CREATE TEMP TABLE IF NOT EXISTS log_index_stage "
-    "(LIKE log_index INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+    f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} ON COMMIT DELETE ROWS AS "
+    f"SELECT {_STAGE_SELECT} FROM log_index WITH NO DATA"
 )
+# id::text: the caller matches ids against event_id strings; no UUID objects per row.
 _INSERT_NEW = (
-    f"INSERT INTO log_index ({_COLS}) SELECT {_COLS} FROM log_index_stage ON CONFLICT DO NOTHING RETURNING id"
+    f"INSERT INTO log_index ({_COLS}) SELECT {_FROM_STAGE} FROM {_STAGE} "
+    "ON CONFLICT DO NOTHING RETURNING id::text"
 )
 _ADVANCE_OFFSETS = """
 UPDATE ingest_offsets AS o
@@ -174,11 +182,10 @@ async def commit_batch(
         new_events: list[ValidEvent] = []
         if indexed:
             await conn.execute(_CREATE_STAGE)
-            await conn.copy_records_to_table(
-                "log_index_stage", records=[_row(i) for i in indexed], columns=LOG_INDEX_COLUMNS
-            )
+            rows = [_row(i) for i in indexed]
+            await conn.copy_records_to_table(_STAGE, records=rows, columns=LOG_INDEX_COLUMNS)
             inserted = await conn.fetch(_INSERT_NEW)
-            new_ids = {str(row["id"]) for row in inserted}
+            new_ids = {row[0] for row in inserted}
             new_events = [i.event for i in indexed if i.event.event_id in new_ids]
         if objects:
             await conn.execute(
