@@ -264,7 +264,14 @@ class IngestWorker:
         while not self._stop.is_set():
             self._loop_progress = time.monotonic()
             self._apply_backpressure(consumer)
-            records = await consumer.getmany(timeout_ms=100, max_records=self.settings.batch_max_events)
+            flushing = self._flush_task
+            if flushing is not None and consumer.paused():
+                # Paused behind a running flush: wake when it ends, not after a whole poll timeout
+                # (that idled ~100 ms per batch while draining a backlog; see docs/performance.md).
+                await asyncio.wait({flushing}, timeout=0.1)
+                records = {}
+            else:
+                records = await consumer.getmany(timeout_ms=100, max_records=self.settings.batch_max_events)
             for tp, batch in records.items():
                 self.metrics.events_consumed.inc(self._buffer.add(tp.partition, batch))
             if self._flush_task is not None and self._flush_task.done():
