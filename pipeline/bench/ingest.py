@@ -32,6 +32,7 @@ class Scenario:
     seed: int
     partitions: int = 8
     variant: str = "full"
+    settings: tuple[tuple[str, str], ...] = ()  # extra OMNILOG_* settings (tuning experiments)
 
 
 async def stored_total(conn: asyncpg.Connection, group: str, topic: str) -> int:
@@ -81,7 +82,11 @@ async def drain(
     produced = await traffic.produce_backlog(bootstrap, topic, scenario.backlog, scenario.seed)
     group_name = env.name(scenario.label)
     workers = WorkerGroup.start(
-        scenario.workers, env.worker_env(topic, url, group_name, 0), log_dir, scenario.label, scenario.variant
+        scenario.workers,
+        {**env.worker_env(topic, url, group_name, 0), **dict(scenario.settings)},
+        log_dir,
+        scenario.label,
+        scenario.variant,
     )
     profiler = None
     try:
@@ -103,6 +108,7 @@ async def drain(
     return {
         "workers": scenario.workers,
         "variant": scenario.variant,
+        "settings": dict(scenario.settings),
         "events": produced.delivered,
         "seconds": round(seconds, 3),
         "events_per_s": round(produced.delivered / seconds, 1),

@@ -17,6 +17,7 @@ THROUGHPUT = (
     ("ceiling_index_transaction", "index transaction alone (ref.)"),
     ("variant_index_only", "ingest, 1 worker, no aggregates (attribution)"),
     ("variant_no_merger", "ingest, 1 worker, parts but no merger (attribution)"),
+    ("tuning_batch_20k", "ingest, 1 worker, batches of 20k (tuning)"),
     ("ingest_1_worker", "ingest end to end, 1 worker"),
     ("ingest_2_workers", "ingest end to end, 2 workers"),
     ("peer_faust", "faust-streaming peer"),
@@ -102,7 +103,7 @@ def chart(result: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(bars) + 1.6))
     colours = [
         "#9aa5b1" if key.startswith("ceiling") else "#f0a04b" if key == "peer_faust" else
-        "#c9d6e3" if key.startswith("variant") else "#2f6db5"
+        "#c9d6e3" if key.startswith(("variant", "tuning")) else "#2f6db5"
         for _, _, key in bars
     ]  # fmt: skip
     ax.barh([b[0] for b in bars], [b[1] for b in bars], color=colours)
