@@ -34,7 +34,7 @@ import click
     show_default=True,
     help="Where the results JSON (timestamped + latest.json), bench.md and bench.png go.",
 )
-@click.option("--profile", is_flag=True, help="py-spy the 1-worker drain (profile.svg/.txt under --out).")
+@click.option("--profile", is_flag=True, help="py-spy the 1-worker drain (profile.svg in --out).")
 @click.option("--no-chart", is_flag=True, help="Skip the PNG chart.")
 def command(quick: bool, use_env: bool, root: Path | None, out: Path, profile: bool, no_chart: bool) -> None:
     """Measure ingest throughput, freshness and memory against the ceilings and a faust peer."""
@@ -74,10 +74,10 @@ def command(quick: bool, use_env: bool, root: Path | None, out: Path, profile: b
     path = report.write_json(result, out)
     table = report.markdown(result)
     (out / f"bench-{plan.mode}.md").write_text(table)
-    if profile and (work / "profile").exists():
-        for name in ("profile.svg", "profile.txt"):
-            if (work / "profile" / name).exists():
-                shutil.copy(work / "profile" / name, out / name)
+    flame = work / "profile" / "profile.svg"
+    if profile and flame.exists():
+        # The flame graph only: the collapsed stacks (MBs) are summarised into the JSON.
+        shutil.copy(flame, out / "profile.svg")
     if not no_chart:
         report.chart(result, out / "bench.png")
     shutil.rmtree(work, ignore_errors=True)
