@@ -42,6 +42,7 @@ from sinks.index import BatchExtension, Fenced, init_offsets, load_offsets
 from sinks.objects import ObjectWriter, s3_client
 
 log = logging.getLogger("omnilog.worker")
+_CLIENT_STOP_TIMEOUT_S = 5.0
 
 EnsurePartitions = Callable[[Connection, set[date]], Awaitable[None]]
 # A job running beside the poll loop (the aggregates merger): started once the worker is up,
@@ -151,7 +152,7 @@ class IngestWorker:
         )
         if self._pool is None:
             return False
-        stack.push_async_callback(self._pool.close)
+        stack.push_async_callback(self._close_pool, self._pool)
 
         s3 = await stack.enter_async_context(s3_client(s))
 
@@ -165,7 +166,7 @@ class IngestWorker:
         )
         if await self._until_stopped("kafka", producer.start) is None and self._stop.is_set():
             return False
-        stack.push_async_callback(producer.stop)
+        stack.push_async_callback(self._bounded_stop, "producer", producer.stop)
 
         self._ctx = FlushContext(
             topic=s.topic,
@@ -202,8 +203,24 @@ class IngestWorker:
         if await self._until_stopped("kafka", consumer.start) is None and self._stop.is_set():
             return False
         self._consumer = consumer
-        stack.push_async_callback(consumer.stop)
+        stack.push_async_callback(self._bounded_stop, "consumer", consumer.stop)
         return True
+
+    async def _bounded_stop(self, name: str, stop: Callable[[], Awaitable[None]]) -> None:
+        """Close a Kafka client without letting it hold the exit: stuck in a group join, aiokafka's
+        stop waits out its request timeout (40 s), past the pod's grace. Everything it could still
+        do is already durable or will be redone by the next owner."""
+        try:
+            await asyncio.wait_for(stop(), _CLIENT_STOP_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("kafka client did not stop in time; exiting anyway", extra={"client": name})
+
+    async def _close_pool(self, pool: asyncpg.Pool) -> None:
+        try:
+            await asyncio.wait_for(pool.close(), _CLIENT_STOP_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("postgres pool did not close in time; terminating its connections")
+            pool.terminate()
 
     async def _until_stopped(self, dependency: str, call: Callable[[], Awaitable[Any]]) -> Any:
         """Retry a start-up call with backoff until it works or the worker is told to stop."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import asyncpg
 import click
 import orjson
+from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.settings import Settings, load_settings
 from sinks.janitor import expire_objects, sweep_orphans
@@ -76,6 +77,10 @@ def command(
         summary = asyncio.run(_run(settings, days_ahead, keep, grace))
     except PartitionError as exc:
         raise click.ClickException(str(exc)) from None
+    except (BotoCoreError, ClientError) as exc:
+        raise click.ClickException(
+            f"object storage (OMNILOG_S3_ENDPOINT_URL, OMNILOG_S3_BUCKET, AWS_*): {type(exc).__name__}: {exc}"
+        ) from None
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise click.ClickException(f"database (OMNILOG_DATABASE_URL): {type(exc).__name__}: {exc}") from None
     summary["retention_days"] = keep

@@ -15,6 +15,7 @@ import asyncpg
 import orjson
 import pytest
 
+from pipeline.stack import StackInfo
 from sinks.migrate import migrate
 from sinks.partitions import (
     TIME_PARTITIONED,
@@ -200,7 +201,9 @@ async def test_drop_expired_drops_only_partitions_past_retention(conn: asyncpg.C
     assert await drop_expired(conn, retention, today=TODAY) == []
 
 
-async def test_maintain_command_creates_ahead_and_reports_dropped_days(fresh_database_url: str) -> None:
+async def test_maintain_command_creates_ahead_and_reports_dropped_days(
+    fresh_database_url: str, stack_info: StackInfo
+) -> None:
     await migrate(fresh_database_url)
     conn = await asyncpg.connect(fresh_database_url)
     try:
@@ -208,7 +211,8 @@ async def test_maintain_command_creates_ahead_and_reports_dropped_days(fresh_dat
         await ensure_day_partitions(conn, "log_index", [expired])
     finally:
         await conn.close()
-    env = {**os.environ, "OMNILOG_DATABASE_URL": fresh_database_url}
+    # maintain also expires objects and sweeps orphans, so it needs the object store too.
+    env = {**os.environ, **stack_info.env(), "OMNILOG_DATABASE_URL": fresh_database_url}
     process = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).parent / "omnilog"),
         "maintain",
