@@ -26,6 +26,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import uuid_utils
 
+from sinks.index import LOG_INDEX_COLUMNS
+
 SCHEMA = "bench_index_cost"
 
 # The seed's log_index indexes, verbatim apart from the table name (idx_log_index_cleanup is left
@@ -46,27 +48,8 @@ ALL_INDEXES = SEED_INDEXES | EXTRA_INDEXES
 # The set 0001_omnimesh.sql creates (docs/schema.md explains the choice).
 CHOSEN = ["org_time", "server_time", "session", "errors", "client_id", "brin_time"]
 
-COLUMNS = (
-    "id",
-    "organization_id",
-    "server_id",
-    "session_id",
-    "rpc_method",
-    "level",
-    "started_at",
-    "duration_ms",
-    "status_code",
-    "error_flag",
-    "storage_provider",
-    "object_uri",
-    "byte_offset",
-    "byte_length",
-    "user_id",
-    "remote_ip",
-    "client_id",
-    "connection_id",
-    "redaction_version",
-)
+# The columns the ingest path writes, in its order.
+COLUMNS = LOG_INDEX_COLUMNS
 METHODS = [
     ("tools/call", 40),
     ("tools/list", 12),
