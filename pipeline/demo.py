@@ -149,13 +149,13 @@ async def run_demo(options: DemoOptions, console: Console) -> int:
     console.print("5/6 results")
     _print_results(console, expected, drain_s, freshness)
     await _show_read_path(settings, database_url, console)
-    await _show_aggregates(database_url, console)
+    busiest = await _show_aggregates(database_url, console)
     console.rule(f"done in {time.monotonic() - started:.0f} s")
     console.print(
         "The stack is still running. Try:\n"
         f"  source {info.root / 'stack.env'}\n"
         "  omnilog logs query --errors --limit 5\n"
-        "  omnilog aggregates show --window hourly\n"
+        f"  omnilog aggregates show --org {busiest or '<org_id>'} --window hourly\n"
         "Stop it with: omnilog stack down   (add --purge to delete its data)"
     )
     return 0 if all(code == 0 for code in codes) else 1
@@ -242,12 +242,13 @@ async def _show_read_path(settings: Settings, database_url: str, console: Consol
         await conn.close()
 
 
-async def _show_aggregates(database_url: str, console: Console) -> None:
+async def _show_aggregates(database_url: str, console: Console) -> str | None:
+    """Print the busiest organization's hourly rows; return its id."""
     conn = await asyncpg.connect(database_url)
     try:
         rows = await conn.fetch(
-            "SELECT window_start, total_requests, error_requests, p50_duration_ms, p95_duration_ms,"
-            "       p99_duration_ms, total_bytes_out"
+            "SELECT organization_id::text AS org, window_start, total_requests, error_requests,"
+            "       p50_duration_ms, p95_duration_ms, p99_duration_ms, total_bytes_out"
             "  FROM log_aggregates"
             " WHERE window_type = 'hourly' AND server_id IS NULL AND rpc_method IS NULL"
             "   AND organization_id = (SELECT organization_id FROM log_aggregates"
@@ -257,10 +258,8 @@ async def _show_aggregates(database_url: str, console: Console) -> None:
     finally:
         await conn.close()
     if not rows:
-        console.print(
-            "[yellow]hourly aggregates: none yet (the aggregates stage is not built into this version)"
-        )
-        return
+        console.print("[yellow]hourly aggregates: none yet (the merger runs every OMNILOG_MERGE_INTERVAL_S)")
+        return None
     table = Table(title="hourly log_aggregates, busiest organization (all servers, all methods)")
     for column in ("hour", "requests", "errors", "p50 ms", "p95 ms", "p99 ms", "bytes out"):
         table.add_column(column, justify="right")
@@ -271,6 +270,8 @@ async def _show_aggregates(database_url: str, console: Console) -> None:
             f"{r['total_bytes_out']:,}",
         )  # fmt: skip
     console.print(table)
+    org: str = rows[0]["org"]
+    return org
 
 
 def default_options(root: Path | None, count: int, workers: int) -> DemoOptions:
