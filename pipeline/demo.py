@@ -31,6 +31,7 @@ from pipeline.loadgen_kafka import run_load
 from pipeline.readpath import QueryFilter, get_event, query_index
 from pipeline.settings import Settings, load_settings
 from pipeline.stack import Stack
+from sinks.merger import merge_pass
 from sinks.migrate import migrate
 from sinks.objects import ObjectWriter, s3_client
 
@@ -246,6 +247,9 @@ async def _show_aggregates(database_url: str, console: Console) -> str | None:
     """Print the busiest organization's hourly rows; return its id."""
     conn = await asyncpg.connect(database_url)
     try:
+        # The workers' merger runs every few seconds and stopped with them: fold the last parts.
+        while await merge_pass(conn) is None:
+            await asyncio.sleep(0.2)
         rows = await conn.fetch(
             "SELECT organization_id::text AS org, window_start, total_requests, error_requests,"
             "       p50_duration_ms, p95_duration_ms, p99_duration_ms, total_bytes_out"
