@@ -248,8 +248,7 @@ async def _show_aggregates(database_url: str, console: Console) -> str | None:
     conn = await asyncpg.connect(database_url)
     try:
         # The workers' merger runs every few seconds and stopped with them: fold the last parts.
-        while await merge_pass(conn) is None:
-            await asyncio.sleep(0.2)
+        await merge_pass(conn)
         rows = await conn.fetch(
             "SELECT organization_id::text AS org, window_start, total_requests, error_requests,"
             "       p50_duration_ms, p95_duration_ms, p99_duration_ms, total_bytes_out"
