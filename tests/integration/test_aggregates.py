@@ -386,7 +386,7 @@ async def test_a_committed_event_shows_in_hourly_and_daily_rows_within_10s(
     fresh_database_url: str, make_settings: Callable[..., Settings]
 ) -> None:
     settings = make_settings(database_url=fresh_database_url)  # default batch age and merge interval
-    assert settings.merge_interval_s == 2.0
+    assert settings.merge_interval_s == 4.0  # the shipped default (pipeline/settings.py)
     await migrate(fresh_database_url)
     await create_topic(settings, settings.topic, partitions=2)
     worker = build_worker(settings, registry=CollectorRegistry())
