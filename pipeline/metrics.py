@@ -145,3 +145,50 @@ class WorkerMetrics:
         self.aggregate_parts_merged = Counter(
             "omnilog_aggregate_parts_merged_total", "Aggregate parts folded by the merger", registry=registry
         )
+        # One retry policy for the whole worker (consumers/ingest/retry.py): every operation that
+        # retries a dependency counts its failed attempts here and says since when it has been failing.
+        self.retry_attempts = Counter(
+            "omnilog_retry_attempts_total",
+            "Failed attempts of an operation that were retried (a retriable error), by operation",
+            ["operation"],
+            registry=registry,
+        )
+        self.retrying_since = Gauge(
+            "omnilog_retrying_since_timestamp_seconds",
+            "Unix time when the operation's current run of failed attempts began; 0 when it is not retrying",
+            ["operation"],
+            registry=registry,
+        )
+        self.fatal_errors = Counter(
+            "omnilog_fatal_errors_total",
+            "Permanent errors not caused by one message: the worker stopped (non-zero exit)",
+            ["operation"],
+            registry=registry,
+        )
+        self.dead_letters_offloaded = Counter(
+            "omnilog_dead_letters_offloaded_total",
+            "Dead letters too large for one Kafka record: the full value was stored in object storage",
+            registry=registry,
+        )
+        self.aggregate_keys_isolated = Gauge(
+            "omnilog_aggregate_keys_isolated",
+            "Aggregate keys whose merge failed permanently and are held aside so the other keys go on",
+            registry=registry,
+        )
+        self.aggregate_merge_failures = Counter(
+            "omnilog_aggregate_merge_failures_total",
+            "Merger failures by kind: retriable (the pass is retried) or key (one key isolated)",
+            ["kind"],
+            registry=registry,
+        )
+        self.offset_out_of_range = Counter(
+            "omnilog_offset_out_of_range_total",
+            "Stored offsets that did not fit the partition's log, by kind (before_start, past_end)",
+            ["kind"],
+            registry=registry,
+        )
+        self.offsets_lost = Counter(
+            "omnilog_offsets_lost_total",
+            "Records deleted from the log (Kafka retention) before this consumer group read them",
+            registry=registry,
+        )
