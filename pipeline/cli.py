@@ -1,4 +1,4 @@
-"""The `omnilog` console script (CONTRACT §7).
+"""The `omnilog` console script (docs/contract.md §7).
 
 Subcommands live in `pipeline.commands.<name>` and are imported only when invoked, so
 `omnilog stack up` does not pay for numpy or aiokafka imports it does not need.

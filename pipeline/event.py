@@ -1,4 +1,4 @@
-"""Decode and validate one Kafka message value against CONTRACT §1 (gateway request event, v1).
+"""Decode and validate one Kafka message value against docs/contract.md §1 (gateway request event, v1).
 
 `validate_event` runs once per consumed message, so it is written for speed: one orjson decode,
 precompiled patterns, no exception raised on the happy path (invalid values leave through a private

@@ -1,4 +1,4 @@
-"""A typed builder for the gateway request event (CONTRACT §1, schema version 1).
+"""A typed builder for the gateway request event (docs/contract.md §1, schema version 1).
 
 `GatewayRequestEvent` has one attribute per contract field and checks the contract's rules when it
 is built, so a mistake fails in the gateway (where it can be fixed) rather than in the dead-letter
@@ -145,7 +145,7 @@ class GatewayRequestEvent:
             raise ValueError(f"extra fields may not reuse contract names: {sorted(clash)}")
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object of CONTRACT §1 (unset optional fields omitted)."""
+        """The JSON object of docs/contract.md §1 (unset optional fields omitted)."""
         out: dict[str, Any] = {
             "event_id": self.event_id,
             "organization_id": self.organization_id,

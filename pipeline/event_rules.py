@@ -1,4 +1,4 @@
-"""The rules of CONTRACT §1 that `pipeline.event.validate_event` applies, and their explanations.
+"""The rules of docs/contract.md §1 that `pipeline.event.validate_event` applies, and their explanations.
 
 `validate_event` tests the common case inline (one type check and one comparison or pattern match
 per field). Only when that quick test fails does it call a function here, which either accepts a

@@ -4,7 +4,7 @@
 
 - `messages`: total, valid (unique event ids), duplicate (byte-identical re-sends), invalid (by the
   reason the validator gives, which is also the dead-letter header);
-- `log_aggregates`: one row per CONTRACT §5 key — for `hourly` and `daily` windows, per
+- `log_aggregates`: one row per docs/contract.md §5 key — for `hourly` and `daily` windows, per
   (organization, server, rpc_method), per (organization, server) with `rpc_method` null, and per
   organization with both null — with exact counts, byte sums, the duration sum and the exact
   p50/p95/p99 of `duration_ms` (numpy `method="lower"`, the rank DDSketch answers);

@@ -1,4 +1,4 @@
-"""The producer SDK: how a gateway service emits gateway request events (CONTRACT §1) to Kafka.
+"""The producer SDK: how a gateway service emits gateway request events (docs/contract.md §1) to Kafka.
 
     async with EventProducer("kafka:9092", "gateway.requests.v1") as producer:
         await producer.emit(GatewayRequestEvent(organization_id=org, started_at=t0, duration_ms=12))
@@ -133,7 +133,7 @@ def _quiet_init_producer_id_error() -> Iterator[None]:
 
 
 def message_key(organization_id: str, server_id: str | None) -> bytes:
-    """`<organization_id>:<server_id or _>`: a partition-affinity hint (CONTRACT §2)."""
+    """`<organization_id>:<server_id or _>`: a partition-affinity hint (docs/contract.md §2)."""
     return f"{organization_id}:{server_id or '_'}".encode()
 
 

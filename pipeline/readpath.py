@@ -1,6 +1,6 @@
 """The read path: find events in the Postgres index, fetch their bodies from object storage.
 
-`get_event` costs one index lookup and one ranged GET of one gzip member (CONTRACT §4).
+`get_event` costs one index lookup and one ranged GET of one gzip member (docs/contract.md §4).
 `query` pages by keyset on (started_at, id) so deep pages cost the same as the first.
 """
 

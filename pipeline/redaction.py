@@ -22,7 +22,7 @@ from typing import Any, Final
 
 MARKER: Final = "[REDACTED]"
 
-# The free-form fields of CONTRACT §1 ("any JSON", object storage only).
+# The free-form fields of docs/contract.md §1 ("any JSON", object storage only).
 DATA_PLANE_FIELDS: Final = ("request", "response", "headers", "metadata")
 
 # Typed fields: a path may not replace them (the event would no longer match the contract).

@@ -1,4 +1,4 @@
-"""Typed configuration from the environment (CONTRACT §7) and an optional `.env`-style file.
+"""Typed configuration from the environment (docs/contract.md §7) and an optional `.env`-style file.
 
 Settings are read once, at start-up, by `load_settings`; nothing reads the environment at import
 time. A bad value fails fast with one line naming the setting (`ConfigError`).
@@ -22,7 +22,7 @@ def _env(name: str) -> AliasChoices:
 
 
 class Settings(BaseSettings):
-    """Every knob of a worker. Names are the environment variables of CONTRACT §7."""
+    """Every knob of a worker. Names are the environment variables of docs/contract.md §7."""
 
     model_config = SettingsConfigDict(
         frozen=True, extra="ignore", populate_by_name=False, env_ignore_empty=False
@@ -56,8 +56,8 @@ class Settings(BaseSettings):
         10_000, validation_alias=_env("OMNILOG_KAFKA_SESSION_TIMEOUT_MS"), ge=1000, le=300_000
     )
 
-    # Batching (ARCHITECTURE "One batch, end to end", step 1).
-    # 20k events per batch, not ARCHITECTURE's 5k: objects, the transaction and the aggregate parts
+    # Batching (docs/ingest.md "One batch, end to end").
+    # 20k events per batch, not the first design's 5k: objects, the transaction and the aggregate parts
     # cost per batch and per key rather than per event, and 20k measured 1.5x the throughput of 5k
     # at 234 MiB peak RSS (docs/performance.md). The age bound keeps quiet traffic fresh either way.
     batch_max_events: int = Field(20_000, validation_alias=_env("OMNILOG_BATCH_MAX_EVENTS"), gt=0)
@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     rebalance_drain_s: float = Field(10.0, validation_alias=_env("OMNILOG_REBALANCE_DRAIN_S"), gt=0)
     retry_max_s: float = Field(30.0, validation_alias=_env("OMNILOG_RETRY_MAX_S"), gt=0)
 
-    # Validation (CONTRACT §1): accepted lateness / future skew of started_at.
+    # Validation (docs/contract.md §1): accepted lateness / future skew of started_at.
     max_event_age_days: int = Field(90, validation_alias=_env("OMNILOG_MAX_EVENT_AGE_DAYS"), gt=0)
     max_future_skew_s: int = Field(3600, validation_alias=_env("OMNILOG_MAX_FUTURE_SKEW_S"), ge=0)
 

@@ -1,6 +1,6 @@
 """The per-batch Postgres transaction: the one place a batch becomes durable.
 
-Order inside the transaction (ARCHITECTURE step 5), and why:
+Order inside the transaction (docs/ingest.md "One batch, end to end", step 5), and why:
 1. compare-and-set every partition's `next_offset` first: it row-locks `ingest_offsets`, so a
    zombie and the new owner of a partition serialise here and the loser fails fast, before work;
 2. COPY the batch into a temporary staging table (fast binary COPY, no index maintenance);

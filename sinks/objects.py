@@ -1,4 +1,4 @@
-"""Object storage: gzip JSON Lines objects (CONTRACT §3) and their member pointers (§4).
+"""Object storage: gzip JSON Lines objects (docs/contract.md §3) and their member pointers (§4).
 
 An object is a concatenation of gzip members, each holding whole lines of about
 `member_bytes` of text, so any gzip reader sees one JSON Lines file while a reader holding

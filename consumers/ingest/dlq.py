@@ -1,5 +1,5 @@
 """Dead letters: invalid messages go to the dead-letter topic, unchanged, with their reason and
-source coordinates in headers (CONTRACT §2), and a limit that stops a bad deploy from being
+source coordinates in headers (docs/contract.md §2), and a limit that stops a bad deploy from being
 drained into the dead-letter topic."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`/metrics`, `/healthz` and `/readyz` on the metrics port (CONTRACT §7).
+"""`/metrics`, `/healthz` and `/readyz` on the metrics port (docs/contract.md §7).
 
 Liveness means the poll loop is making progress (a stuck loop gets the pod restarted);
 readiness means the worker is consuming and its dependencies answered on their last call.

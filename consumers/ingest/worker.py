@@ -1,4 +1,4 @@
-"""The ingest worker: one consumer-group member (CONTRACT §6, ARCHITECTURE "One batch, end to end").
+"""The ingest worker: one consumer-group member (docs/contract.md §6, docs/ingest.md).
 
 The poll loop never blocks on a flush: at most one flush runs as a task while the loop keeps
 polling (so group membership and liveness hold during a dependency outage) and fills the next

@@ -525,7 +525,7 @@ def pipeline_dashboard() -> Panel:
     )
 
 
-# Aggregate rows (CONTRACT §5): per (org, server, method); per (org, server) with rpc_method NULL;
+# Aggregate rows (docs/contract.md §5): per (org, server, method); per (org, server) with rpc_method NULL;
 # per org with both NULL. Percentiles of one window are exact to 1%, but cannot be combined across
 # windows or servers: panels show them per server and per window, and tables show the worst window.
 _ORG = "a.organization_id::text = ${organization:sqlstring}"

@@ -20,7 +20,7 @@ from pipeline.stack import Stack, StackInfo, create_database, drop_database
 from sinks.migrate import migrate
 from sinks.objects import s3_client
 
-# The variables a reused stack is described by (CONTRACT §7), as `omnilog stack up` writes them.
+# The variables a reused stack is described by (docs/contract.md §7), as `omnilog stack up` writes them.
 STACK_VARIABLES = (
     "OMNILOG_KAFKA_BOOTSTRAP_SERVERS",
     "OMNILOG_DATABASE_URL",

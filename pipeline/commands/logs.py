@@ -1,4 +1,4 @@
-"""`omnilog logs query` / `omnilog logs get EVENT_ID`: the read path (CONTRACT §7)."""
+"""`omnilog logs query` / `omnilog logs get EVENT_ID`: the read path (docs/contract.md §7)."""
 
 from __future__ import annotations
 

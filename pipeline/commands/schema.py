@@ -1,4 +1,4 @@
-"""`omnilog schema`: print the JSON Schema of the gateway request event (CONTRACT §1)."""
+"""`omnilog schema`: print the JSON Schema of the gateway request event (docs/contract.md §1)."""
 
 from __future__ import annotations
 

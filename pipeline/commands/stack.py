@@ -1,4 +1,4 @@
-"""`omnilog stack up | down | status`: the embedded local stack (CONTRACT §7, docs/stack.md)."""
+"""`omnilog stack up | down | status`: the embedded local stack (docs/contract.md §7, docs/stack.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What clients need to reach a running stack, as values and as CONTRACT §7 variables."""
+"""What clients need to reach a running stack, as values and as docs/contract.md §7 variables."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class StackInfo:
     aws_region: str
 
     def env(self) -> dict[str, str]:
-        """The stack as the environment variables of CONTRACT §7."""
+        """The stack as the environment variables of docs/contract.md §7."""
         return {
             "OMNILOG_KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap_servers,
             "OMNILOG_DATABASE_URL": self.database_url,

@@ -180,7 +180,7 @@ async def wait_caught_up(
 
 
 async def verify_exactly_once(database_url: str, settings: Settings, traffic: Traffic) -> dict[str, int]:
-    """CONTRACT §6: every valid event indexed once with a pointer that reads back to exactly what
+    """docs/contract.md §6: every valid event indexed once with a pointer that reads back to exactly what
     was sent, every object a whole JSON Lines gzip file, every invalid offset dead-lettered."""
     conn = await asyncpg.connect(database_url)
     try:

@@ -1,4 +1,4 @@
-"""Aggregates against real Tansu, SeaweedFS and PostgreSQL (CONTRACT §5, docs/aggregates.md).
+"""Aggregates against real Tansu, SeaweedFS and PostgreSQL (docs/contract.md §5, docs/aggregates.md).
 
 The oracle is computed here, independently of the worker's code, from the events the test sent:
 every rollup row must have exact counts and sums, percentiles within 1 % or 1 ms of

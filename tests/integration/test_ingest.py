@@ -1,4 +1,4 @@
-"""The ingest worker against real Tansu, SeaweedFS and PostgreSQL (CONTRACT §3, §4, §6)."""
+"""The ingest worker against real Tansu, SeaweedFS and PostgreSQL (docs/contract.md §3, §4, §6)."""
 
 from __future__ import annotations
 

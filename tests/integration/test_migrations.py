@@ -131,7 +131,7 @@ SEED_TABLES: dict[str, dict[str, str]] = {
         "client_id": "uuid",
         "connection_id": "uuid",
         "created_at": "timestamptz",
-        # additions (CONTRACT §4, seed "PII Safety")
+        # additions (docs/contract.md §4, seed "PII Safety")
         "byte_length": "int4",
         "redaction_version": "int4",
     },

@@ -1,4 +1,4 @@
-"""The validator and the shipped JSON Schema agree on which events are valid (CONTRACT §1).
+"""The validator and the shipped JSON Schema agree on which events are valid (docs/contract.md §1).
 
 The schema is checked with jsonschema's format checker (uuid, date-time via rfc3339-validator,
 ipv4, ipv6) against the event as Python's standard `json` module parses it. The time window is not
