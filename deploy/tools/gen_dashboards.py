@@ -454,6 +454,87 @@ def pipeline_dashboard() -> Panel:
         w=12,
     )
 
+    lay.row("Retries and permanent errors")
+    lay.add(
+        _timeseries(
+            "Retry attempts by operation",
+            [
+                _prom(
+                    f"sum by (operation) (rate(omnilog_retry_attempts_total{{{_SEL}}}[$__rate_interval]))",
+                    "{{operation}}",
+                )
+            ],
+            "ops",
+            "Failed attempts that were retried (a retriable error: a dependency unavailable for now), "
+            "per operation, over all selected workers.",
+            _PROM,
+            stack=True,
+        ),
+        w=12,
+    )
+    lay.add(
+        _timeseries(
+            "Retrying for, by operation",
+            [
+                _prom(
+                    f"max by (operation) ((time() - omnilog_retrying_since_timestamp_seconds{{{_SEL}}}) "
+                    f"and omnilog_retrying_since_timestamp_seconds{{{_SEL}}} > 0)",
+                    "{{operation}}",
+                )
+            ],
+            "s",
+            "How long the longest current run of failed attempts of each operation has lasted "
+            "(no line: not retrying). OmnilogOperationRetrying fires above 3 minutes.",
+            _PROM,
+            thresholds=[(180, "red")],
+        ),
+        w=12,
+    )
+    lay.add(
+        _timeseries(
+            "Aggregate merge failures and isolated keys",
+            [
+                _prom(
+                    "sum by (kind) "
+                    f"(rate(omnilog_aggregate_merge_failures_total{{{_SEL}}}[$__rate_interval]))",
+                    "{{kind}} failures / s",
+                ),
+                _prom(f"max(omnilog_aggregate_keys_isolated{{{_SEL}}})", "keys held aside"),
+            ],
+            "short",
+            "Merger failures: retriable (the pass is retried) or key (one key held aside so the "
+            "others go on). Held-aside keys have stale rollups (OmnilogAggregateKeysIsolated).",
+            _PROM,
+        ),
+        w=12,
+    )
+    lay.add(
+        _timeseries(
+            "Fatal stops, offsets and offloaded dead letters",
+            [
+                _prom(
+                    f"sum by (operation) (omnilog_fatal_errors_total{{{_SEL}}})",
+                    "fatal stop: {{operation}}",
+                ),
+                _prom(
+                    f"sum by (kind) (omnilog_offset_out_of_range_total{{{_SEL}}})",
+                    "offset out of range: {{kind}}",
+                ),
+                _prom(f"sum(omnilog_offsets_lost_total{{{_SEL}}})", "records lost to retention"),
+                _prom(
+                    f"sum(omnilog_dead_letters_offloaded_total{{{_SEL}}})",
+                    "dead letters offloaded to object storage",
+                ),
+            ],
+            "short",
+            "Rare events, counted since each worker started (a restart resets them). Counters rather "
+            "than rates: they often step up before a worker's first scrape or right before it exits, "
+            "where a rate shows nothing.",
+            _PROM,
+        ),
+        w=12,
+    )
+
     lay.row("Workers")
     lay.add(
         _timeseries(
