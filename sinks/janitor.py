@@ -7,7 +7,8 @@ batch transaction), so an object older than a grace period with no row is an orp
 Retention (LiteLLM #29342 is the failure to avoid): index rows go first (partitions dropped by
 `sinks.partitions.drop_expired`), then the objects of those dates, then their ledger rows. A crash
 in between leaves ledger rows whose objects are deleted on the next run; it never leaves an index
-row pointing at a deleted object.
+row pointing at a deleted object. Only dates before the retention horizon are expired
+(sinks/retention.py): no batch can commit a ledger row or an index row for them any more.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from sinks.db import Connection
 from sinks.objects import object_uri, parse_object_uri
+from sinks.retention import RetentionError, load_horizon
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -64,8 +66,16 @@ async def sweep_orphans(
 async def expire_objects(conn: Connection, s3: S3Client, before: date) -> int:
     """Delete the objects (and ledger rows) of every date before `before`.
 
-    Call after the index partitions of those dates are dropped.
+    Call after the index partitions of those dates are dropped. Refused (nothing deleted) when
+    `before` is past the retention horizon: those dates are still accepted, and a batch could be
+    committing a ledger row for an object deleted here.
     """
+    horizon = await load_horizon(conn)
+    if horizon is None or before > horizon:
+        raise RetentionError(
+            f"refusing to expire objects before {before.isoformat()}: the retention horizon is "
+            f"{horizon.isoformat() if horizon else 'not set'} (drop_expired advances it first)"
+        )
     rows = await conn.fetch("SELECT object_uri FROM ingest_objects WHERE log_date < $1", before)
     by_bucket: dict[str, list[str]] = {}
     for row in rows:

@@ -10,6 +10,11 @@ which does not conflict with the ingest workers' inserts or with readers, while 
 takes ACCESS EXCLUSIVE and would stall every batch and every query behind it. Drops use
 DETACH PARTITION ... CONCURRENTLY for the same reason.
 
+Retention and the horizon (sinks/retention.py): `drop_expired` first advances the retention
+horizon (committed), then drops only partitions wholly before it. `ensure_day_partitions` refuses
+to create a partition for a day before the horizon (`PartitionExpired`), checked again under the
+creation lock, so a dropped day is never re-created, whether or not a worker's cache remembers it.
+
 There is deliberately no DEFAULT partition: creating a partition next to a non-empty default one
 scans the default partition (under lock) to prove no row belongs to the new range, and rows that
 landed there would have to be moved out by hand. A missing day is created on demand instead.
@@ -25,6 +30,7 @@ from typing import Literal
 
 from sinks import timescale
 from sinks.db import Connection
+from sinks.retention import ADVANCE_LOCK_TIMEOUT, advance_horizon, expired_days, load_horizon
 
 Period = Literal["day", "month"]
 
@@ -37,6 +43,21 @@ class PartitionError(Exception):
     """A partition operation was misused or the table is not set up as expected."""
 
 
+class PartitionExpired(PartitionError):
+    """Days before the retention horizon were asked for: their partitions are dropped (or about
+    to be) and are never created again. Events of those days are dead-lettered as expired."""
+
+    def __init__(self, table: str, days: list[date], horizon: date) -> None:
+        listed = ", ".join(d.isoformat() for d in days)
+        super().__init__(
+            f"{table}: refusing to create partitions for {listed}, before the retention horizon "
+            f"{horizon.isoformat()} (expired days are dead-lettered, never re-created)"
+        )
+        self.table = table
+        self.days = days
+        self.horizon = horizon
+
+
 @dataclass(frozen=True, slots=True)
 class TimePartitioned:
     """A table partitioned by time; the migrations mark where its partitioning clause goes."""
@@ -45,8 +66,13 @@ class TimePartitioned:
     column: str
     period: Period
     compress_segment_by: tuple[str, ...] = ()
-    # None: the caller's retention (the longest accepted event age) applies.
+    # None: the caller's retention (the longest accepted event age) applies, and with it the
+    # retention horizon; a fixed retention is the table's own business (no ingest batch writes it).
     fixed_retention_days: int | None = None
+
+    @property
+    def follows_horizon(self) -> bool:
+        return self.fixed_retention_days is None
 
     def period_start(self, day: date) -> date:
         return day if self.period == "day" else day.replace(day=1)
@@ -109,19 +135,42 @@ def create_partition_sql(spec: TimePartitioned, start: date) -> list[str]:
 class PartitionCache:
     """Partitions known to exist, per table, so the ingest path asks the catalog only on a miss.
 
-    One cache per database. Only partitions past retention are ever dropped, and events that old
-    are rejected before they reach the database, so a stale entry cannot cause a failed insert
-    within the accepted range.
+    One cache per database. It also remembers the latest retention horizon it was shown
+    (`note_horizon`): the horizon never moves backwards, so a day before a remembered horizon is
+    refused without any query, and entries for such days are forgotten. An entry for a day the
+    cache does not yet know to be expired can be stale (maintain dropped it since): that is
+    harmless, because the batch transaction re-checks the horizon under lock
+    (sinks/retention.py) before writing a row.
     """
 
     known: dict[str, set[date]] = field(default_factory=dict)
     self_managed: set[str] = field(default_factory=set)  # hypertables: chunks appear by themselves
+    horizon: date | None = None
 
     def covers(self, table: str, starts: Iterable[date]) -> bool:
         if table in self.self_managed:
             return True
         have = self.known.get(table)
         return have is not None and all(s in have for s in starts)
+
+    def note_horizon(self, horizon: date | None) -> None:
+        if horizon is None or (self.horizon is not None and horizon <= self.horizon):
+            return
+        self.horizon = horizon
+        for table in self.known:
+            self._forget_expired(table)
+
+    def remember(self, table: str, starts: Iterable[date]) -> None:
+        self.known.setdefault(table, set()).update(starts)
+        self._forget_expired(table)
+
+    def _forget_expired(self, table: str) -> None:
+        spec = TIME_PARTITIONED.get(table)
+        horizon = self.horizon
+        if horizon is None or spec is None or not spec.follows_horizon:
+            return
+        starts = self.known.get(table, set())
+        starts.difference_update({s for s in starts if spec.period_end(s) <= horizon})
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,14 +241,27 @@ async def ensure_day_partitions(
 
     Safe when several workers call it at once for the same day: each creation runs in its own
     short transaction under a per-table advisory lock and re-checks the catalog after taking it.
-    With a warm `cache` and known days it does no I/O; on a miss it lists partitions with one
-    query. Must be called outside a transaction (before the batch transaction that inserts).
+    With a warm `cache` and known days it does no I/O; on a miss it reads the retention horizon
+    and lists partitions (two queries). Must be called outside a transaction (before the batch
+    transaction that inserts).
+
+    Raises `PartitionExpired`, creating nothing for those days, when a day lies before the
+    retention horizon (the one the cache remembers, then the one in the database; and once more
+    under the creation lock, so a concurrent `drop_expired` cannot slip in between).
     """
     spec = _spec(table)
-    starts = {spec.period_start(_utc_date(d)) for d in days}
+    utc_days = {_utc_date(d) for d in days}
+    starts = {spec.period_start(d) for d in utc_days}
+    if cache is not None and spec.follows_horizon:
+        _refuse_expired(spec, utc_days, cache.horizon)
     if cache is not None and cache.covers(table, starts):
         return []
     _require_autocommit(conn, "ensure_day_partitions")
+    if spec.follows_horizon:
+        horizon = await load_horizon(conn)
+        if cache is not None:
+            cache.note_horizon(horizon)
+        _refuse_expired(spec, utc_days, horizon)
     state = await _inspect(conn, spec)
     if state.kind == "hypertable":
         if cache is not None:
@@ -210,8 +272,15 @@ async def ensure_day_partitions(
         if await _create_one(conn, spec, start):
             created.append(start)
     if cache is not None:
-        cache.known.setdefault(table, set()).update(state.attached | starts)
+        cache.remember(table, state.attached | starts)
     return created
+
+
+def _refuse_expired(spec: TimePartitioned, days: Iterable[date], horizon: date | None) -> None:
+    expired = expired_days(days, horizon)
+    if expired:
+        assert horizon is not None
+        raise PartitionExpired(spec.table, expired, horizon)
 
 
 _IS_ATTACHED = """
@@ -226,6 +295,13 @@ async def _create_one(conn: Connection, spec: TimePartitioned, start: date) -> b
     name = spec.partition_name(start)
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", PARTITION_LOCK_CLASS, spec.table)
+        if spec.follows_horizon:
+            # drop_expired commits the horizon before it takes this lock to drop: a creation that
+            # got the lock first is dropped right after, and one that got it later sees here the
+            # horizon that forbids it.
+            horizon = await load_horizon(conn)
+            if horizon is not None and spec.period_end(start) <= horizon:
+                raise PartitionExpired(spec.table, [start], horizon)
         # Read committed: this statement sees whatever a concurrent creator committed while we
         # waited for the lock.
         if await conn.fetchval(_IS_ATTACHED, name, spec.table):
@@ -254,54 +330,67 @@ async def create_ahead(
     return {table: await ensure_day_partitions(conn, table, days, cache) for table in TIME_PARTITIONED}
 
 
-async def drop_expired(conn: Connection, retention_days: int, *, today: date | None = None) -> list[date]:
-    """Drop partitions that lie entirely before today − retention; return the dropped days.
+async def drop_expired(
+    conn: Connection,
+    retention_days: int,
+    *,
+    today: date | None = None,
+    lock_timeout: timedelta = ADVANCE_LOCK_TIMEOUT,
+) -> list[date]:
+    """Advance the retention horizon to today − retention, then drop the partitions that lie
+    entirely before the horizon in force; return the dropped days.
+
+    The horizon is committed first (`sinks.retention.advance_horizon`, which waits up to
+    `lock_timeout` for batch transactions in flight, else raises `HorizonBusy` having dropped
+    nothing), so no batch can commit a row for a day dropped here and no worker re-creates it.
+    It never moves backwards: after a run with a shorter retention, a longer one drops from the
+    later horizon still in force.
 
     The returned days (of the day-partitioned tables: the index and usage rows) are the dates whose
-    objects the S3 janitor may delete. health_checks keeps its own 30-day retention and its
-    months are not reported. With TimescaleDB the chunks are dropped with drop_chunks.
+    objects the S3 janitor may delete. health_checks keeps its own 30-day retention, outside the
+    horizon, and its months are not reported. With TimescaleDB the chunks are dropped with
+    drop_chunks, up to the same horizon.
     """
     if retention_days < 1:
         raise PartitionError("retention_days must be >= 1")
     _require_autocommit(conn, "drop_expired")
     now_day = today or _today()
+    horizon = await advance_horizon(conn, now_day - timedelta(days=retention_days), lock_timeout=lock_timeout)
     dropped_days: set[date] = set()
     for spec in TIME_PARTITIONED.values():
-        keep_days = spec.fixed_retention_days or retention_days
-        cutoff = now_day - timedelta(days=keep_days)
+        if spec.fixed_retention_days is not None:
+            cutoff = now_day - timedelta(days=spec.fixed_retention_days)
+        else:
+            cutoff = horizon
         state = await _inspect(conn, spec)
         if state.kind == "hypertable":
-            # Keep the background policy in step with the retention asked for, so it never drops
-            # earlier than this routine would (it is only a safety net if maintenance stops).
+            # The background policy stays a day behind what this routine drops (see
+            # sinks/timescale.py): a safety net if maintenance stops, never ahead of the horizon.
             for statement in timescale.retention_policy_statements(spec, retention_days):
                 await conn.execute(statement)
             days = await timescale.drop_chunks_before(conn, spec.table, cutoff)
         else:
-            days = await _drop_partitions(conn, spec, state, cutoff)
+            days = await _drop_partitions(conn, spec, cutoff)
         if spec.period == "day":
             dropped_days.update(days)
     return sorted(dropped_days)
 
 
-async def _drop_partitions(
-    conn: Connection, spec: TimePartitioned, state: _TableState, cutoff: date
-) -> list[date]:
-    expired_attached = sorted(s for s in state.attached if spec.period_end(s) <= cutoff)
-    expired_detached = sorted(s for s in state.detached if spec.period_end(s) <= cutoff)
-    if not expired_attached and not expired_detached:
-        return []
+async def _drop_partitions(conn: Connection, spec: TimePartitioned, cutoff: date) -> list[date]:
     parent = _quote(spec.table)
     dropped: list[date] = []
     # A session lock (DETACH ... CONCURRENTLY cannot run inside a transaction block); it conflicts
-    # with the transaction-level lock of ensure_day_partitions for the same table.
+    # with the transaction-level lock of ensure_day_partitions for the same table. The catalog is
+    # read under it, so a partition created just before is seen and dropped too.
     await conn.execute("SELECT pg_advisory_lock($1, hashtext($2))", PARTITION_LOCK_CLASS, spec.table)
     try:
-        for start in expired_attached:
+        state = await _inspect(conn, spec)
+        for start in sorted(s for s in state.attached if spec.period_end(s) <= cutoff):
             name = _quote(spec.partition_name(start))
             await conn.execute(f"ALTER TABLE {parent} DETACH PARTITION {name} CONCURRENTLY")
             await conn.execute(f"DROP TABLE IF EXISTS {name}")
             dropped.append(start)
-        for start in expired_detached:
+        for start in sorted(s for s in state.detached if spec.period_end(s) <= cutoff):
             name = spec.partition_name(start)
             if await conn.fetchval(
                 "SELECT inhdetachpending FROM pg_inherits WHERE inhrelid = to_regclass($1)", name

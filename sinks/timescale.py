@@ -21,6 +21,12 @@ if TYPE_CHECKING:
 # events can still be inserted into compressed chunks (TimescaleDB >= 2.11), only slower.
 COMPRESS_AFTER_DAYS = 7
 
+# The background retention policy drops chunks without advancing the retention horizon
+# (sinks/retention.py), so for the tables that follow the horizon it keeps this many days more
+# than the retention: `omnilog maintain` (hourly) advances the horizon and drops those days
+# itself first, and the policy only acts, one day behind, if maintenance stops.
+POLICY_LAG_DAYS = 1
+
 
 class Backend(enum.Enum):
     NATIVE = "native"
@@ -60,11 +66,18 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def policy_retention_days(spec: TimePartitioned, retention_days: int) -> int:
+    """What the background retention policy of `spec` keeps (a fixed retention is kept as is)."""
+    if spec.fixed_retention_days is not None:
+        return spec.fixed_retention_days
+    return retention_days + POLICY_LAG_DAYS
+
+
 def hypertable_statements(spec: TimePartitioned, retention_days: int) -> list[str]:
     """Turn the (empty, plain) table of `spec` into a hypertable with its policies."""
     table = _literal(spec.table)
     chunk = "INTERVAL '1 day'" if spec.period == "day" else "INTERVAL '1 month'"
-    keep = spec.fixed_retention_days or retention_days
+    keep = policy_retention_days(spec, retention_days)
     statements = [
         f"SELECT create_hypertable({table}, {_literal(spec.column)}, "
         f"chunk_time_interval => {chunk}, if_not_exists => TRUE)",
@@ -85,7 +98,7 @@ def hypertable_statements(spec: TimePartitioned, retention_days: int) -> list[st
 def retention_policy_statements(spec: TimePartitioned, retention_days: int) -> list[str]:
     """Replace the table's retention policy (used by `omnilog maintain` when retention changes)."""
     table = _literal(spec.table)
-    keep = spec.fixed_retention_days or retention_days
+    keep = policy_retention_days(spec, retention_days)
     return [
         f"SELECT remove_retention_policy({table}, if_exists => TRUE)",
         f"SELECT add_retention_policy({table}, {_interval(keep)}, if_not_exists => TRUE)",
@@ -100,7 +113,11 @@ DROP_CHUNKS = "SELECT drop_chunks($1::regclass, older_than => $2::timestamptz)"
 
 
 async def drop_chunks_before(conn: Connection, table: str, cutoff: date) -> list[date]:
-    """Drop the chunks entirely before `cutoff` (UTC midnight); return the days they covered."""
+    """Drop the chunks entirely before `cutoff` (UTC midnight); return the days they covered.
+
+    For the tables that follow the retention horizon the caller passes the horizon in force, after
+    committing it (sinks.partitions.drop_expired): a chunk is dropped only once no batch can write
+    into it again, since an insert would otherwise silently create it anew."""
     limit = datetime.combine(cutoff, time(), tzinfo=UTC)
     rows = await conn.fetch(CHUNKS_BEFORE, table, limit)
     await conn.execute(DROP_CHUNKS, table, limit)

@@ -3,6 +3,7 @@ maintenance that live in `sinks`."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import date
 
 from prometheus_client import CollectorRegistry
@@ -12,23 +13,33 @@ from pipeline.settings import Settings
 from sinks.aggregates import build_extensions, build_merger
 from sinks.db import Connection
 from sinks.partitions import PartitionCache, ensure_day_partitions
+from sinks.retention import load_horizon
 
 # Tables a batch inserts into, partitioned by the event's UTC day.
 _DAY_PARTITIONED = ("log_index", "usage_events", "mcp_usage")
 
 
-def build_worker(settings: Settings, registry: CollectorRegistry | None = None) -> IngestWorker:
-    cache = PartitionCache()
+def partition_ensurer(cache: PartitionCache) -> Callable[[Connection, set[date]], Awaitable[None]]:
+    """What a flush calls before its batch transaction: the batch's days exist afterwards, or
+    `sinks.partitions.PartitionExpired` names those before the retention horizon (nothing
+    created for them)."""
 
     async def ensure_partitions(conn: Connection, days: set[date]) -> None:
-        # Late events are normal: a missing day is created on demand (cheap when cached).
+        # Late events are normal: a missing day is created on demand (cheap when cached). The
+        # horizon is re-read every time (one primary-key read), so the cache forgets the days
+        # maintain has dropped since before it is consulted.
+        cache.note_horizon(await load_horizon(conn))
         for table in _DAY_PARTITIONED:
             await ensure_day_partitions(conn, table, days, cache)
 
+    return ensure_partitions
+
+
+def build_worker(settings: Settings, registry: CollectorRegistry | None = None) -> IngestWorker:
     return IngestWorker(
         settings,
         registry=registry,
         extensions=build_extensions(),
-        ensure_partitions=ensure_partitions,
+        ensure_partitions=partition_ensurer(PartitionCache()),
         background=[build_merger(settings)],
     )

@@ -230,3 +230,4 @@ async def test_maintain_command_creates_ahead_and_reports_dropped_days(
     assert summary["dropped_days"] == [expired.isoformat()]
     assert summary["created"]["log_index"] == [TODAY.isoformat(), (TODAY + timedelta(days=1)).isoformat()]
     assert summary["retention_days"] == 90
+    assert summary["retention_horizon"] == (TODAY - timedelta(days=90)).isoformat()

@@ -104,10 +104,11 @@ def test_timescale_rendering_makes_hypertables_with_policies_and_parses() -> Non
     }
 
     retention = {_const(c.args[0]): _interval_text(c.args[1]) for c in calls["add_retention_policy"]}
+    # One day behind the retention for the tables that follow the horizon (maintain drops first).
     assert retention == {
-        "log_index": "45 days",
-        "usage_events": "45 days",
-        "mcp_usage": "45 days",
+        "log_index": "46 days",
+        "usage_events": "46 days",
+        "mcp_usage": "46 days",
         "health_checks": "30 days",
     }
     assert compress["log_index"]["compress_segmentby"] == "organization_id"
@@ -130,6 +131,14 @@ def test_hypertable_is_created_after_its_table_in_the_same_file() -> None:
                 assert created_at.get(table, position) < position, table
                 converted.add(table)
     assert converted == set(TIME_PARTITIONED)
+
+
+def test_maintain_policy_stays_a_day_behind_the_horizon() -> None:
+    for spec in TIME_PARTITIONED.values():
+        statements = pglast.parse_sql(";".join(retention_policy_statements(spec, 90)))
+        (added,) = _calls(statements)["add_retention_policy"]
+        expected = "30 days" if spec.table == "health_checks" else "91 days"
+        assert _interval_text(added.args[1]) == expected, spec.table
 
 
 def test_policy_and_partition_statements_parse() -> None:
