@@ -7,10 +7,12 @@ time. A bad value fails fast with one line naming the setting (`ConfigError`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pipeline.logs import scrub_credentials
 
 
 class ConfigError(Exception):
@@ -149,5 +151,24 @@ def load_settings(env_file: str | Path | None = None, **overrides: object) -> Se
         lines = []
         for err in exc.errors():
             name = _alias_of(str(err["loc"][0])) if err["loc"] else "?"
-            lines.append(f"invalid setting {name}: {err['msg']} (got {err.get('input')!r})")
+            shown = _shown_input(name, err.get("input"))
+            lines.append(f"invalid setting {name}: {scrub_credentials(err['msg'])} (got {shown})")
         raise ConfigError("; ".join(lines)) from None
+
+
+def _is_secret(name: str) -> bool:
+    """Whether the setting of field or environment name `name` is a SecretStr."""
+    for field_name, field in Settings.model_fields.items():
+        if name in (field_name, _alias_of(field_name)):
+            return SecretStr in (field.annotation, *get_args(field.annotation))
+    return False
+
+
+def _shown_input(name: str, value: object) -> str:
+    """A rejected value as the error shows it: never a secret, never a password inside a URL."""
+    if _is_secret(name):
+        # A URL (the database's) stays recognisable without its password; other secrets are hidden.
+        if isinstance(value, str) and "://" in value:
+            return repr(scrub_credentials(value))
+        return "a secret value, not shown"
+    return repr(scrub_credentials(value)) if isinstance(value, str) else repr(value)
