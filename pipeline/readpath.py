@@ -14,14 +14,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import aiohttp
 import orjson
+from botocore.exceptions import BotoCoreError, ClientError
 
 from sinks.db import Connection
 from sinks.objects import ObjectWriter, parse_object_uri
 
 
 class NotFound(Exception):
-    pass
+    """No such event: not in the index, or not in the member its index row points at."""
+
+
+class UnreadableBody(Exception):
+    """The object an index row points at is there but its bytes are not a gzip member."""
 
 
 @dataclass(frozen=True)
@@ -102,34 +108,90 @@ async def query_index(
     return rows, next_cursor
 
 
-def find_line(member: bytes, event_id: str) -> bytes:
-    """The line of `event_id` in one gzip member."""
+def member_lines(member: bytes, where: str) -> list[bytes]:
+    """The lines of one gzip member (`where` names it in the error)."""
+    try:
+        text = zlib.decompress(member, wbits=31)
+    except zlib.error as exc:
+        raise UnreadableBody(f"{where}: not a readable gzip member ({exc})") from None
+    return text.split(b"\n")
+
+
+def find_line(lines: Sequence[bytes], event_id: str) -> bytes:
+    """The stored line of `event_id` (canonical lower-case text) among one member's lines.
+
+    A line is the value as the gateway sent it, so its `event_id` may be upper or mixed case, or
+    written with JSON escapes (`"\\u0030190..."`), and the JSON need not be compact: a line is
+    parsed when it holds the id in any case, or any escape, and its `event_id` compared the way
+    the worker canonicalised it (lower-cased), so the first line that is the event is found.
+    """
     needle = event_id.encode()
-    for line in zlib.decompress(member, wbits=31).split(b"\n"):
-        if needle in line:
+    for line in lines:
+        if needle not in line.lower() and b"\\u" not in line:
+            continue
+        try:
             candidate = orjson.loads(line)
-            if isinstance(candidate, dict) and str(candidate.get("event_id", "")).lower() == event_id:
+        except orjson.JSONDecodeError:
+            continue  # not an event line (the worker stores only lines that parse)
+        if isinstance(candidate, dict):
+            stored_id = candidate.get("event_id")
+            if isinstance(stored_id, str) and stored_id.lower() == event_id:
                 return line
-    raise NotFound(f"event {event_id} is not in the member its pointer names")
+    raise NotFound(f"event {event_id} is not in the gzip member its index row points at")
+
+
+@dataclass(frozen=True)
+class BodyError:
+    """Why one event's stored body could not be read (the other rows of a page still print)."""
+
+    reason: str
+
+
+# What reading one object can fail with: S3 (botocore wraps most transport errors, aiohttp's
+# can surface from the body stream), a pointer that names no object, a member that is not gzip.
+_READ_ERRORS = (
+    BotoCoreError,
+    ClientError,
+    aiohttp.ClientError,
+    OSError,
+    ValueError,
+    UnreadableBody,
+    NotFound,
+)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, (UnreadableBody, NotFound)):
+        return str(exc)
+    return f"object storage: {type(exc).__name__}: {exc}"
 
 
 async def fetch_bodies(
     objects: ObjectWriter, rows: Sequence[dict[str, Any]], concurrency: int = 16
-) -> dict[str, bytes]:
-    """Event id -> stored line, fetching each distinct gzip member once, concurrently."""
+) -> dict[str, bytes | BodyError]:
+    """Event id -> stored line, or why it could not be read; each distinct gzip member read once."""
     by_member: dict[tuple[str, int, int], list[str]] = {}
     for row in rows:
         key = (row["object_uri"], row["byte_offset"], row["byte_length"])
         by_member.setdefault(key, []).append(str(row["id"]))
     slots = asyncio.Semaphore(concurrency)
-    found: dict[str, bytes] = {}
+    found: dict[str, bytes | BodyError] = {}
 
     async def one(uri: str, offset: int, length: int, ids: list[str]) -> None:
-        bucket, key = parse_object_uri(uri)
-        async with slots:
-            member = await objects.get_range(bucket, key, offset, length)
+        try:
+            bucket, key = parse_object_uri(uri)
+            async with slots:
+                member = await objects.get_range(bucket, key, offset, length)
+            lines = member_lines(member, f"{uri} bytes {offset}+{length}")
+        except _READ_ERRORS as exc:
+            for event_id in ids:
+                found[event_id] = BodyError(_describe(exc))
+            return
         for event_id in ids:
-            found[event_id] = find_line(member, event_id)
+            try:
+                found[event_id] = find_line(lines, event_id)
+            except NotFound as exc:
+                found[event_id] = BodyError(str(exc))
 
     async with asyncio.TaskGroup() as group:
         for (uri, offset, length), ids in by_member.items():
@@ -137,12 +199,23 @@ async def fetch_bodies(
     return found
 
 
-async def get_event(conn: Connection, objects: ObjectWriter, event_id: str) -> bytes:
+async def find_pointer(conn: Connection, event_id: str) -> dict[str, Any]:
+    """The index row's pointer of `event_id`: object_uri, byte_offset, byte_length."""
     row = await conn.fetchrow(
         "SELECT object_uri, byte_offset, byte_length FROM log_index WHERE id = $1::uuid LIMIT 1", event_id
     )
     if row is None:
         raise NotFound(f"no event {event_id} in log_index")
-    bucket, key = parse_object_uri(row["object_uri"])
-    member = await objects.get_range(bucket, key, row["byte_offset"], row["byte_length"])
-    return find_line(member, event_id)
+    return dict(row)
+
+
+async def read_event(objects: ObjectWriter, pointer: dict[str, Any], event_id: str) -> bytes:
+    """The stored line of `event_id`: one ranged GET of the gzip member `pointer` names."""
+    uri, offset, length = pointer["object_uri"], pointer["byte_offset"], pointer["byte_length"]
+    bucket, key = parse_object_uri(uri)
+    member = await objects.get_range(bucket, key, offset, length)
+    return find_line(member_lines(member, f"{uri} bytes {offset}+{length}"), event_id)
+
+
+async def get_event(conn: Connection, objects: ObjectWriter, event_id: str) -> bytes:
+    return await read_event(objects, await find_pointer(conn, event_id), event_id)

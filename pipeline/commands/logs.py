@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import sys
 import uuid
@@ -14,7 +15,18 @@ import asyncpg
 import click
 import orjson
 
-from pipeline.readpath import NotFound, QueryFilter, fetch_bodies, get_event, query_index
+from pipeline.commands import errors
+from pipeline.readpath import (
+    BodyError,
+    NotFound,
+    QueryFilter,
+    UnreadableBody,
+    decode_cursor,
+    fetch_bodies,
+    find_pointer,
+    query_index,
+    read_event,
+)
 from pipeline.settings import Settings, load_settings
 from sinks.objects import ObjectWriter, s3_client
 
@@ -57,27 +69,37 @@ def command() -> None:
 @click.option("--env-file", type=click.Path(path_type=Path))
 @click.option("--pretty", is_flag=True, help="Indent the JSON.")
 def get(event_id: str, env_file: Path | None, pretty: bool) -> None:
-    """Print one stored event, fetched with one ranged GET of its gzip member."""
+    """Print one stored event, fetched with one ranged GET of its gzip member.
+
+    Exits 1 when the event is not found or its object cannot be read, or when PostgreSQL or
+    object storage is down (one line on stderr naming which).
+    """
     settings = load_settings(env_file)
     canonical = _uuid(event_id, "EVENT_ID")
     assert canonical is not None
     try:
         line = asyncio.run(_get(settings, canonical))
-    except NotFound as exc:
+    except (NotFound, UnreadableBody) as exc:
         click.echo(f"omnilog: {exc}", err=True)
         sys.exit(1)
     if pretty:
-        line = orjson.dumps(orjson.loads(line), option=orjson.OPT_INDENT_2)
-    click.echo(line.decode())
+        # The standard library's json: orjson encodes at most 254 levels of nesting, and the
+        # worker accepts deeper events.
+        click.echo(json.dumps(json.loads(line), indent=2, ensure_ascii=False))
+    else:
+        click.echo(line.decode(errors="replace"))
 
 
 async def _get(settings: Settings, event_id: str) -> bytes:
-    conn = await asyncpg.connect(settings.database_url.get_secret_value())
-    try:
+    with errors.postgres():
+        conn = await asyncpg.connect(settings.database_url.get_secret_value())
+        try:
+            row = await find_pointer(conn, event_id)
+        finally:
+            await conn.close()
+    with errors.object_storage():
         async with s3_client(settings) as s3:
-            return await get_event(conn, ObjectWriter(s3, settings.s3_bucket, 1 << 30), event_id)
-    finally:
-        await conn.close()
+            return await read_event(ObjectWriter(s3, settings.s3_bucket, 1 << 30), row, event_id)
 
 
 @command.command("query")
@@ -109,7 +131,11 @@ def query(
     with_body: bool,
     env_file: Path | None,
 ) -> None:
-    """List indexed requests, newest first."""
+    """List indexed requests, newest first.
+
+    With --with-body, a body that cannot be read (object missing, not gzip, S3 error) is reported
+    on its row and the other rows still print; the command then exits 1 after printing them.
+    """
     settings = load_settings(env_file)
     flt = QueryFilter(
         organization_id=_uuid(org, "--org"),
@@ -127,31 +153,60 @@ def query(
         raise click.BadParameter(str(exc), param_hint="--cursor") from None
     if fmt == "json":
         for row in rows:
-            click.echo(orjson.dumps(row, default=str).decode())
+            click.echo(_json_row(row))
         if next_cursor:
             click.echo(orjson.dumps({"next_cursor": next_cursor}).decode())
     else:
         _print_table(rows, with_body)
         if next_cursor:
             click.echo(f"next page: --cursor {next_cursor}")
+    unreadable = sum(1 for row in rows if "event_error" in row)
+    if unreadable:
+        click.echo(
+            f"omnilog: {unreadable} of {len(rows)} bodies could not be read (see event_error)", err=True
+        )
+        sys.exit(1)
 
 
 async def _query(
     settings: Settings, flt: QueryFilter, limit: int, cursor: str | None, with_body: bool
 ) -> tuple[list[dict[str, Any]], str | None]:
-    conn = await asyncpg.connect(settings.database_url.get_secret_value())
-    try:
-        rows, next_cursor = await query_index(conn, flt, limit, cursor)
-    finally:
-        await conn.close()
+    if cursor:
+        decode_cursor(cursor)  # a bad cursor is a usage error, before any connection
+    with errors.postgres():
+        conn = await asyncpg.connect(settings.database_url.get_secret_value())
+        try:
+            rows, next_cursor = await query_index(conn, flt, limit, cursor)
+        finally:
+            await conn.close()
     for row in rows:
         row["id"] = str(row["id"])
     if with_body and rows:
-        async with s3_client(settings) as s3:
-            bodies = await fetch_bodies(ObjectWriter(s3, settings.s3_bucket, 1 << 30), rows)
+        # Errors of single objects are per row (fetch_bodies); only the client itself failing
+        # (no endpoint, no credentials) is one line for the whole command.
+        with errors.object_storage():
+            async with s3_client(settings) as s3:
+                bodies = await fetch_bodies(ObjectWriter(s3, settings.s3_bucket, 1 << 30), rows)
         for row in rows:
-            row["event"] = orjson.loads(bodies[row["id"]])
+            body = bodies[row["id"]]
+            if isinstance(body, BodyError):
+                row["event_error"] = body.reason
+            else:
+                row["event"] = body
     return rows, next_cursor
+
+
+def _json_row(row: dict[str, Any]) -> str:
+    """One row as a JSON object, its `event` the stored line spliced in as it is.
+
+    Never re-encoded: the line is JSON already (the worker stored only values that parse), and
+    re-encoding fails on what the worker accepts (orjson encodes at most 254 levels of nesting).
+    """
+    fields = {key: value for key, value in row.items() if key != "event"}
+    text = orjson.dumps(fields, default=str)
+    if "event" in row:
+        text = text[:-1] + b',"event":' + row["event"] + b"}"
+    return text.decode(errors="replace")
 
 
 def _print_table(rows: list[dict[str, Any]], with_body: bool) -> None:
@@ -175,4 +230,7 @@ def _print_table(rows: list[dict[str, Any]], with_body: bool) -> None:
     Console().print(table)
     if with_body:
         for row in rows:
-            click.echo(orjson.dumps(row["event"]).decode())
+            if "event_error" in row:
+                click.echo(orjson.dumps({"event_id": row["id"], "event_error": row["event_error"]}).decode())
+            else:
+                click.echo(row["event"].decode(errors="replace"))
