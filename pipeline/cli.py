@@ -7,6 +7,7 @@ Subcommands live in `pipeline.commands.<name>` and are imported only when invoke
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 import click
@@ -55,8 +56,25 @@ def cli() -> None:
 
 
 def main() -> None:
+    """Exit codes: 0 success, 1 a failure at run time (a dependency down, nothing found, an
+    unreadable object), 2 a usage or configuration error. Failures print one line on stderr."""
+    # Without logging configured, Python prints a library's errors on stderr as they happen, so a
+    # broker that is down printed aiokafka's "Unable connect ..." before our own line. Commands
+    # that configure logging (ingest) still get its records through their own handlers.
+    logging.getLogger("aiokafka").addHandler(logging.NullHandler())
     try:
         cli(standalone_mode=True)
     except ConfigError as exc:
         click.echo(f"omnilog: configuration error: {exc}", err=True)
         sys.exit(2)
+    except Exception as exc:
+        # Commands name the dependency they were talking to (pipeline.commands.errors); this is
+        # the net for a client library's exception that escaped one. Anything else is a bug and
+        # keeps its traceback.
+        from pipeline.commands.errors import DependencyError, dependency_of
+
+        dependency = dependency_of(exc)
+        if dependency is None:
+            raise
+        DependencyError(dependency, exc).show()
+        sys.exit(1)

@@ -214,11 +214,12 @@ def merge(env_file: Path | None, wait: float) -> None:
 async def _with_conn(settings: Settings, body: Any) -> Any:
     import asyncpg
 
-    conn = await asyncpg.connect(settings.database_url.get_secret_value())
-    try:
-        return await body(conn)
-    except asyncpg.UndefinedTableError as exc:
-        click.echo(f"omnilog aggregates: {exc}: run `omnilog migrate` first", err=True)
-        sys.exit(1)
-    finally:
-        await conn.close()
+    from pipeline.commands import errors
+
+    # PostgreSQL down, refusing, or not migrated: one line naming it (exit 1), not a traceback.
+    with errors.postgres():
+        conn = await asyncpg.connect(settings.database_url.get_secret_value())
+        try:
+            return await body(conn)
+        finally:
+            await conn.close()

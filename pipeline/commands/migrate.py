@@ -10,6 +10,7 @@ from pathlib import Path
 import asyncpg
 import click
 
+from pipeline.commands import errors
 from pipeline.settings import load_settings
 from sinks.migrate import MigrationError, migrate
 from sinks.partitions import DEFAULT_DAYS_AHEAD, PartitionError, create_ahead
@@ -43,13 +44,12 @@ def command(env_file: Path | None, days_ahead: int) -> None:
     settings = load_settings(env_file)
     began = time.perf_counter()
     try:
-        applied, created = asyncio.run(
-            _run(settings.database_url.get_secret_value(), settings.max_event_age_days, days_ahead)
-        )
+        with errors.postgres():
+            applied, created = asyncio.run(
+                _run(settings.database_url.get_secret_value(), settings.max_event_age_days, days_ahead)
+            )
     except (MigrationError, PartitionError) as exc:
         raise click.ClickException(str(exc)) from None
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise click.ClickException(f"database (OMNILOG_DATABASE_URL): {type(exc).__name__}: {exc}") from None
     elapsed = time.perf_counter() - began
     if applied:
         for name in applied:

@@ -8,6 +8,7 @@ from pathlib import Path
 import aiokafka.errors as kafka_errors
 import click
 
+from pipeline.commands import errors
 from pipeline.kafka_admin import DEFAULT_DLQ_PARTITIONS, DEFAULT_INPUT_PARTITIONS, TopicError, ensure_topics
 from pipeline.settings import load_settings
 
@@ -40,9 +41,7 @@ def command(env_file: Path | None, partitions: int, dlq_partitions: int, replica
     except TopicError as exc:
         raise click.ClickException(str(exc)) from None
     except (TimeoutError, kafka_errors.KafkaError, OSError) as exc:
-        raise click.ClickException(
-            f"kafka (OMNILOG_KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers}): "
-            f"{type(exc).__name__}: {exc}"
-        ) from None
+        where = f"Kafka (OMNILOG_KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers})"
+        raise errors.DependencyError(where, exc) from None
     for report in reports:
         click.echo(report.describe)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -198,7 +199,10 @@ async def _ensure_database(port: int, name: str) -> None:
     try:
         exists = await conn.fetchval("select 1 from pg_database where datname = $1", name)
         if not exists:
-            await conn.execute(f'create database "{name}"')
+            # Another `up` (or a retried one) may create it between the check and here: it exists,
+            # which is all we asked.
+            with contextlib.suppress(asyncpg.DuplicateDatabaseError):
+                await conn.execute(f'create database "{name}"')
     finally:
         await conn.close()
 

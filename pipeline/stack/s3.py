@@ -65,15 +65,21 @@ async def _list_buckets(port: int, credentials: S3Credentials, *, request_timeou
         await client.list_buckets()
 
 
+# What S3 answers a create of a bucket that exists: ours (a retried create whose first attempt
+# succeeded, another `up` at the same time, any later `up`), or someone else's, which the
+# `head_bucket` after it refuses with 403.
+_BUCKET_EXISTS = frozenset({"BucketAlreadyOwnedByYou", "BucketAlreadyExists"})
+
+
 async def _ensure_bucket(port: int, credentials: S3Credentials, bucket: str) -> None:
     async with _client(port, credentials, 10.0) as client:
+        # Create first, "exists" is success: a check then a create is a race between the two.
         try:
-            await client.head_bucket(Bucket=bucket)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") not in {"404", "NoSuchBucket", "NotFound"}:
-                raise
             await client.create_bucket(Bucket=bucket)
-            await client.head_bucket(Bucket=bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in _BUCKET_EXISTS:
+                raise
+        await client.head_bucket(Bucket=bucket)
 
 
 def _registered_volume_servers(master_port: int, timeout: float) -> set[str]:
