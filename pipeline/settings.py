@@ -7,7 +7,7 @@ time. A bad value fails fast with one line naming the setting (`ConfigError`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -78,6 +78,13 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(20.0, validation_alias=_env("OMNILOG_SHUTDOWN_GRACE_S"), gt=0)
     rebalance_drain_s: float = Field(10.0, validation_alias=_env("OMNILOG_REBALANCE_DRAIN_S"), gt=0)
     retry_max_s: float = Field(30.0, validation_alias=_env("OMNILOG_RETRY_MAX_S"), gt=0)
+    # A stored offset outside the partition's log (topic re-created, or retention deleted unread
+    # records) is always detected, counted and logged; this says what happens next. `earliest`
+    # resumes at the first record still there: losing nothing more beats stopping every worker
+    # that takes the partition while retention keeps deleting. `fail` stops for a human instead.
+    offset_out_of_range: Literal["earliest", "fail"] = Field(
+        "earliest", validation_alias=_env("OMNILOG_OFFSET_OUT_OF_RANGE")
+    )
 
     # Validation (docs/contract.md §1): accepted lateness / future skew of started_at.
     max_event_age_days: int = Field(90, validation_alias=_env("OMNILOG_MAX_EVENT_AGE_DAYS"), gt=0)
