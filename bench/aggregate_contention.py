@@ -18,6 +18,11 @@ visible in log_aggregates.
 
     .venv/bin/python bench/aggregate_contention.py --database-url postgresql://... [--batches 8]
 
+``--compare-sum-types`` instead times one writer's part writes (log, usage and per-user usage
+parts of each batch, one transaction per batch) into NUMERIC[] sums (migration 0005) and into
+copies of the parts tables with the former BIGINT[] sums, the two interleaved batch by batch on
+the same batches, so machine noise hits both alike.
+
 A scratch database is created next to the given one and dropped at the end.
 """
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
 import json
 import os
 import random
@@ -33,6 +39,7 @@ import statistics
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -40,8 +47,17 @@ import asyncpg
 import orjson
 
 from pipeline.event import ValidationPolicy, ValidEvent, validate_event
-from pipeline.sketch import QuantileSketch
-from sinks.aggregate_parts import LOG_PARTS, Acc, AggregatePartsWriter, log_parts, merge_into_parts
+from sinks.aggregate_parts import (
+    LOG_PARTS,
+    USAGE_PARTS,
+    USAGE_USER_PARTS,
+    Acc,
+    AggregatePartsWriter,
+    PartTable,
+    log_parts,
+    merge_into_parts,
+    usage_parts,
+)
 from sinks.merger import daily_from_hourly, log_values, merge_until_clean, org_level, server_level
 from sinks.migrate import migrate
 from sinks.partitions import ensure_day_partitions
@@ -104,7 +120,7 @@ UPDATE log_aggregates a SET total_requests = v.total, success_requests = v.succe
     p99_duration_ms = v.p99, avg_duration_ms = v.avg, total_bytes_in = v.bin,
     total_bytes_out = v.bout, duration_sketch = v.sketch
 FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::int[], $6::int[], $7::int[],
-    $8::float8[], $9::bigint[], $10::bigint[], $11::bytea[])
+    $8::float8[], $9::numeric[], $10::numeric[], $11::bytea[])
     AS v(id, total, success, errors, p50, p95, p99, avg, bin, bout, sketch)
 WHERE a.id = v.id
 """
@@ -137,14 +153,14 @@ async def direct_write(conn: asyncpg.Connection, events: list[ValidEvent]) -> No
         acc = rows[keys[row["i"] - 1]]
         if row["duration_sketch"] is not None:
             acc.merge(
-                Acc(
+                Acc.decode(
                     [
                         row["total_requests"],
                         row["error_requests"],
                         row["total_bytes_in"],
                         row["total_bytes_out"],
                     ],
-                    QuantileSketch.from_bytes(row["duration_sketch"]),
+                    row["duration_sketch"],
                 )
             )
         ids.append(row["id"])
@@ -277,6 +293,59 @@ async def run_case(
         await admin.close()
 
 
+async def compare_sum_types(admin_url: str, batches: int, size: int) -> dict[str, Any]:
+    name = f"bench_sums_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(admin_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = admin_url.rsplit("/", 1)[0] + "/" + name
+    try:
+        await migrate(url)
+        conn = await asyncpg.connect(url)
+        tables = {"numeric": (LOG_PARTS, USAGE_PARTS, USAGE_USER_PARTS), "bigint": ()}
+        bigint: list[PartTable] = []
+        for table in tables["numeric"]:
+            twin = f"{table.name}_bigint"
+            await conn.execute(f"CREATE TABLE {twin} (LIKE {table.name} INCLUDING ALL)")
+            await conn.execute(f"ALTER TABLE {twin} ALTER COLUMN sums TYPE bigint[]")
+            bigint.append(replace(table, name=twin, sum_type="bigint"))
+        tables["bigint"] = tuple(bigint)
+        rng = random.Random(7)
+        now = datetime.now(UTC)
+        prepared = [make_batch(rng, size, now) for _ in range(batches)]
+        seconds: dict[str, list[float]] = {"numeric": [], "bigint": []}
+        for i, batch in enumerate(prepared):
+            # Grouping is the same work for both: only the read, merge and upsert are timed.
+            grouped = (log_parts(batch), usage_parts(batch))
+            order = ("numeric", "bigint") if i % 2 == 0 else ("bigint", "numeric")
+            for kind in order:
+                log_table, usage_table, user_table = tables[kind]
+                log, usage = copy.deepcopy(grouped)
+                t0 = time.perf_counter()
+                async with conn.transaction():
+                    await merge_into_parts(conn, log_table, 0, log)
+                    await merge_into_parts(conn, usage_table, 0, usage.hourly)
+                    await merge_into_parts(conn, user_table, 0, usage.daily_users)
+                seconds[kind].append(time.perf_counter() - t0)
+        extra = sorted(n - b for n, b in zip(seconds["numeric"], seconds["bigint"], strict=True))
+        parts = await conn.fetchval(
+            "SELECT (SELECT count(*) FROM log_aggregate_parts) + (SELECT count(*) FROM usage_parts)"
+            " + (SELECT count(*) FROM usage_user_parts)"
+        )
+        await conn.close()
+        return {
+            "compare": "part read + merge + upsert per batch, NUMERIC[] vs BIGINT[] sums",
+            "batches": batches,
+            "batch": size,
+            "part_rows": parts,
+            **{f"{kind}_ms_p50": round(_ms(values, 0.5), 1) for kind, values in seconds.items()},
+            **{f"{kind}_ms_p95": round(_ms(values, 0.95), 1) for kind, values in seconds.items()},
+            "numeric_minus_bigint_ms_p50": round(1000 * extra[len(extra) // 2], 1),
+        }
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--database-url", default=os.environ.get("OMNILOG_DATABASE_URL"))
@@ -285,9 +354,15 @@ async def main() -> None:
     parser.add_argument("--merge-interval", type=float, default=2.0)
     parser.add_argument("--strategies", default="parts,direct,full")
     parser.add_argument("--writers", default="1,3")
+    parser.add_argument(
+        "--compare-sum-types", action="store_true", help="time part writes with NUMERIC[] vs BIGINT[] sums"
+    )
     args = parser.parse_args()
     if not args.database_url:
         parser.error("--database-url or OMNILOG_DATABASE_URL is required")
+    if args.compare_sum_types:
+        print(json.dumps(await compare_sum_types(args.database_url, args.batches, args.batch)), flush=True)
+        return
     for writers in (int(w) for w in args.writers.split(",")):
         for strategy in args.strategies.split(","):
             result = await run_case(

@@ -10,9 +10,13 @@ Design, key sentinels, error bounds and measurements: docs/aggregates.md.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Literal
+
+import asyncpg
 
 from pipeline.settings import Settings
 from sinks.aggregate_parts import NO_METHOD, NO_PROJECT, NO_SERVER, NO_USER, AggregatePartsWriter
@@ -44,7 +48,9 @@ def build_extensions() -> list[BatchExtension]:
 
 
 def build_merger(settings: Settings) -> MergerLoop:
-    return MergerLoop(settings.merge_interval_s, settings.max_event_age_days)
+    return MergerLoop(
+        settings.merge_interval_s, settings.max_event_age_days, retry_max_s=settings.retry_max_s
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,9 +93,17 @@ def log_query_sql(query: AggregatesQuery) -> tuple[str, list[Any]]:
     return sql + " ORDER BY window_start, server_id NULLS FIRST, rpc_method NULLS FIRST", args
 
 
+def _plain_rows(rows: Iterable[asyncpg.Record]) -> list[dict[str, Any]]:
+    """Rows as dicts, the NUMERIC(38,0) sums as ints (JSON numbers, not Decimal strings)."""
+    return [
+        {k: int(v) if isinstance(v, Decimal) and v == v.to_integral_value() else v for k, v in row.items()}
+        for row in rows
+    ]
+
+
 async def query_log_aggregates(conn: Connection, query: AggregatesQuery) -> list[dict[str, Any]]:
     sql, args = log_query_sql(query)
-    return [dict(row) for row in await conn.fetch(sql, *args)]
+    return _plain_rows(await conn.fetch(sql, *args))
 
 
 async def query_usage(
@@ -107,4 +121,4 @@ async def query_usage(
         since,
         until,
     )
-    return [dict(row) for row in rows]
+    return _plain_rows(rows)

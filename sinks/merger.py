@@ -19,6 +19,13 @@ workers; a busy lock means another merger is at it and the pass is skipped):
 
 The merger takes no lock a batch transaction could be waiting for while it waits itself (its only
 row locks are the marks, taken with SKIP LOCKED), so it cannot deadlock with the workers.
+
+One key never stops the others: each table's keys are merged in a savepoint; when that fails with
+an error attributable to data (a PostgreSQL data error, a corrupt sketch or sum), the key set is
+bisected in further savepoints down to the failing key(s), which are recorded in
+`aggregate_isolated_keys` (skipped by later passes until an operator releases them) while the
+rest commit. Retriable errors fail the pass, which `MergerLoop` retries through the worker's
+retry policy; any other error ends the loop (the worker stops loudly).
 """
 
 from __future__ import annotations
@@ -27,13 +34,15 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import asyncpg
+from prometheus_client import CollectorRegistry
 
+from consumers.ingest.retry import ErrorKind, RetryPolicy, classify
 from pipeline.metrics import WorkerMetrics
 from pipeline.sketch import QuantileSketch
 from sinks.aggregate_parts import (
@@ -43,6 +52,7 @@ from sinks.aggregate_parts import (
     Acc,
     PartKey,
     PartTable,
+    exact_int,
     fold,
     key_columns,
 )
@@ -54,6 +64,9 @@ log = logging.getLogger("omnilog.merger")
 # pg_try_advisory_xact_lock key of a merge pass ("omnimrg" in ASCII).
 MERGER_LOCK_KEY: Final = 0x6F6D6E696D7267
 DEFAULT_LIMIT: Final = 5000
+# More isolated keys than this in one pass is not a few bad keys but something wrong with all of
+# them (a bug, a broken deploy): the pass fails instead of holding the whole workload aside.
+MAX_ISOLATED_PER_PASS: Final = 100
 QUANTILES: Final = (0.5, 0.95, 0.99)
 
 # (window, org, server, method); None in server/method means "all"
@@ -147,9 +160,13 @@ def _unnest(types: Sequence[str], first: int = 1) -> str:
 
 
 def dirty_sql(table: PartTable) -> str:
+    """Keys with a dirty part, except the isolated ones."""
+    as_text = ", ".join(f"p.{c}::text" for c in table.key_columns)
     return (
-        f"SELECT DISTINCT window_start, {', '.join(table.key_columns)} FROM {table.name} "
-        "WHERE version <> merged_version LIMIT $1"
+        f"SELECT DISTINCT p.window_start, {', '.join('p.' + c for c in table.key_columns)} "
+        f"FROM {table.name} p WHERE p.version <> p.merged_version AND NOT EXISTS ("
+        f"SELECT 1 FROM aggregate_isolated_keys i WHERE i.parts_table = '{table.name}' "
+        f"AND i.window_start = p.window_start AND i.key_values = ARRAY[{as_text}]) LIMIT $1"
     )
 
 
@@ -215,7 +232,7 @@ INSERT INTO log_aggregates AS a (organization_id, server_id, rpc_method, window_
     p99_duration_ms, avg_duration_ms, total_bytes_in, total_bytes_out, duration_sketch)
 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::aggregation_window_enum[], $5::timestamptz[],
     $6::bigint[], $7::bigint[], $8::bigint[], $9::int[], $10::int[], $11::int[], $12::float8[],
-    $13::bigint[], $14::bigint[], $15::bytea[])
+    $13::numeric[], $14::numeric[], $15::bytea[])
 ON CONFLICT ON CONSTRAINT log_aggregates_key DO UPDATE SET
     total_requests = EXCLUDED.total_requests, success_requests = EXCLUDED.success_requests,
     error_requests = EXCLUDED.error_requests, p50_duration_ms = EXCLUDED.p50_duration_ms,
@@ -240,7 +257,8 @@ _USAGE_SET = ", ".join(
         "latency_sketch",
     )
 )
-_USAGE_VALUE_TYPES = ("bigint",) * 7 + ("float8",) * 4 + ("bigint", "bytea")
+# counts are BIGINT, token and cost sums NUMERIC (USAGE_SUMS order; migration 0005)
+_USAGE_VALUE_TYPES = ("bigint",) * 3 + ("numeric",) * 4 + ("float8",) * 4 + ("bigint", "bytea")
 _UPSERT_USAGE_HOURLY = f"""
 INSERT INTO usage_hourly (bucket, org_id, project_id, model, {_USAGE_METRICS}, avg_latency_ms,
     p50_latency_ms, p95_latency_ms, p99_latency_ms, unique_users, latency_sketch)
@@ -271,6 +289,13 @@ GROUP BY k.w, k.o, k.p, k.m
 # ---- one pass --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class IsolatedKey:
+    parts_table: str
+    key: PartKey  # (window_start, *key columns)
+    error: str
+
+
 @dataclass(slots=True)
 class MergeStats:
     parts_read: int = 0
@@ -278,6 +303,15 @@ class MergeStats:
     log_rows: int = 0
     usage_rows: int = 0
     more: bool = False  # a table had more dirty keys than the pass's limit
+    isolated: list[IsolatedKey] = field(default_factory=list)  # held aside by this pass
+
+    def absorb(self, other: MergeStats) -> None:
+        self.parts_read += other.parts_read
+        self.parts_marked += other.parts_marked
+        self.log_rows += other.log_rows
+        self.usage_rows += other.usage_rows
+        self.more = self.more or other.more
+        self.isolated.extend(other.isolated)
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,7 +361,10 @@ def _rows_to_accs(rows: Iterable[asyncpg.Record], width: int) -> list[tuple[Any,
         values = list(row.values())
         key = tuple(_text(v) for v in values[:width])
         out.append(
-            (key, Acc([int(v) for v in values[width : width + 4]], QuantileSketch.from_bytes(values[-1])))
+            (
+                key,
+                Acc([exact_int(v) for v in values[width : width + 4]], QuantileSketch.from_bytes(values[-1])),
+            )
         )
     return out
 
@@ -358,10 +395,7 @@ async def _upsert_log(conn: Connection, window_type: str, rows: Mapping[Any, Acc
     return len(keys)
 
 
-async def _merge_log(conn: Connection, limit: int, stats: MergeStats) -> None:
-    dirty = await _dirty_keys(conn, LOG_PARTS, limit, stats)
-    if not dirty:
-        return
+async def _merge_log_keys(conn: Connection, dirty: list[PartKey], stats: MergeStats) -> None:
     leaves, loaded = await _load(conn, LOG_PARTS, dirty)
     stats.parts_read += len(loaded)
     stats.log_rows += await _upsert_log(conn, "hourly", leaves)
@@ -402,43 +436,44 @@ async def _unique_users(conn: Connection, keys: list[Any], span: timedelta) -> d
     return {tuple(_text(v) for v in list(r.values())[:4]): int(r["users"]) for r in rows}
 
 
-async def _merge_usage(conn: Connection, limit: int, stats: MergeStats) -> None:
-    dirty = await _dirty_keys(conn, USAGE_PARTS, limit, stats)
-    if dirty:
-        hourly, loaded = await _load(conn, USAGE_PARTS, dirty)
-        stats.parts_read += len(loaded)
-        keys = sorted(hourly, key=str)
-        users = await _unique_users(conn, keys, timedelta(hours=1))
-        values = [usage_values(hourly[k], users.get(k, 0)) for k in keys]
-        await conn.execute(_UPSERT_USAGE_HOURLY, *_usage_args(keys, values))
-        stats.usage_rows += len(keys)
+async def _merge_usage_hourly_keys(conn: Connection, dirty: list[PartKey], stats: MergeStats) -> None:
+    hourly, loaded = await _load(conn, USAGE_PARTS, dirty)
+    stats.parts_read += len(loaded)
+    keys = sorted(hourly, key=str)
+    users = await _unique_users(conn, keys, timedelta(hours=1))
+    values = [usage_values(hourly[k], users.get(k, 0)) for k in keys]
+    await conn.execute(_UPSERT_USAGE_HOURLY, *_usage_args(keys, values))
+    stats.usage_rows += len(keys)
 
-        days = sorted({(day_of(_window(k)), *k[1:]) for k in keys}, key=str)
-        rows = await conn.fetch(_USAGE_DAY_HOURS, *key_columns(days))
-        daily = fold(
-            (
-                tuple(_text(v) for v in list(r.values())[:4]),
-                Acc([int(v) for v in list(r.values())[4:11]], QuantileSketch.from_bytes(r["latency_sketch"])),
-            )
-            for r in rows
+    days = sorted({(day_of(_window(k)), *k[1:]) for k in keys}, key=str)
+    rows = await conn.fetch(_USAGE_DAY_HOURS, *key_columns(days))
+    daily = fold(
+        (
+            tuple(_text(v) for v in list(r.values())[:4]),
+            Acc(
+                [exact_int(v) for v in list(r.values())[4:11]],
+                QuantileSketch.from_bytes(r["latency_sketch"]),
+            ),
         )
-        day_keys = sorted(daily, key=str)
-        day_users = await _unique_users(conn, day_keys, timedelta(days=1))
-        day_values = [usage_values(daily[k], day_users.get(k, 0)) for k in day_keys]
-        all_users = [(*k, None) for k in day_keys if isinstance(k, tuple)]
-        await conn.execute(_UPSERT_USAGE_DAILY, *_usage_args(all_users, day_values))
-        stats.usage_rows += len(day_keys)
-        stats.parts_marked += await _mark(conn, USAGE_PARTS, loaded)
+        for r in rows
+    )
+    day_keys = sorted(daily, key=str)
+    day_users = await _unique_users(conn, day_keys, timedelta(days=1))
+    day_values = [usage_values(daily[k], day_users.get(k, 0)) for k in day_keys]
+    all_users = [(*k, None) for k in day_keys if isinstance(k, tuple)]
+    await conn.execute(_UPSERT_USAGE_DAILY, *_usage_args(all_users, day_values))
+    stats.usage_rows += len(day_keys)
+    stats.parts_marked += await _mark(conn, USAGE_PARTS, loaded)
 
-    dirty = await _dirty_keys(conn, USAGE_USER_PARTS, limit, stats)
-    if dirty:
-        per_user, loaded = await _load(conn, USAGE_USER_PARTS, dirty)
-        stats.parts_read += len(loaded)
-        keys = sorted(per_user, key=str)
-        values = [usage_values(per_user[k], 1 if k[4] else 0) for k in keys]
-        await conn.execute(_UPSERT_USAGE_DAILY, *_usage_args(keys, values))
-        stats.usage_rows += len(keys)
-        stats.parts_marked += await _mark(conn, USAGE_USER_PARTS, loaded)
+
+async def _merge_usage_user_keys(conn: Connection, dirty: list[PartKey], stats: MergeStats) -> None:
+    per_user, loaded = await _load(conn, USAGE_USER_PARTS, dirty)
+    stats.parts_read += len(loaded)
+    keys = sorted(per_user, key=str)
+    values = [usage_values(per_user[k], 1 if k[4] else 0) for k in keys]
+    await conn.execute(_UPSERT_USAGE_DAILY, *_usage_args(keys, values))
+    stats.usage_rows += len(keys)
+    stats.parts_marked += await _mark(conn, USAGE_USER_PARTS, loaded)
 
 
 def _window(key: PartKey) -> datetime:
@@ -447,15 +482,103 @@ def _window(key: PartKey) -> datetime:
     return window
 
 
+# ---- key isolation ---------------------------------------------------------------------------
+
+KeyMerge = Callable[[Connection, list[PartKey], MergeStats], Awaitable[None]]
+
+_ISOLATE = """
+INSERT INTO aggregate_isolated_keys (parts_table, window_start, key_values, error)
+VALUES ($1, $2, $3::text[], $4)
+ON CONFLICT (parts_table, window_start, key_values) DO UPDATE SET error = EXCLUDED.error, isolated_at = now()
+"""
+_ERROR_TEXT_MAX: Final = 2000
+
+
+class TooManyIsolatedKeys(RuntimeError):
+    """More keys failed in one pass than a few bad keys explain (see MAX_ISOLATED_PER_PASS)."""
+
+
+def attributable_to_keys(exc: BaseException) -> bool:
+    """Whether a failure of a key set can come from the data of some of its keys: a PostgreSQL
+    data error (classified DATA by the worker's one classifier) or a ValueError raised while
+    decoding or checking stored parts and rollup rows (a corrupt sketch, a sum that is not an
+    integer, a sketch whose count disagrees with its row)."""
+    return isinstance(exc, ValueError) or classify(exc) is ErrorKind.DATA
+
+
+async def _try_keys(
+    conn: Connection, keys: list[PartKey], merge: KeyMerge, stats: MergeStats
+) -> Exception | None:
+    """Merge `keys` in a savepoint: None when done (their stats added), else the failure (rolled back)."""
+    attempt = MergeStats()
+    try:
+        async with conn.transaction():
+            await merge(conn, keys, attempt)
+    except Exception as exc:
+        if not attributable_to_keys(exc):
+            raise
+        return exc
+    stats.absorb(attempt)
+    return None
+
+
+async def _merge_isolating(
+    conn: Connection, table: PartTable, keys: list[PartKey], merge: KeyMerge, stats: MergeStats
+) -> None:
+    """Merge `keys`; on an attributable failure bisect them until each failing key is alone, and
+    isolate it. One bad key among n costs about 2·log2(n) extra savepoints, the good keys merged
+    in halves along the way (a rollup row is recomputed from scratch, so the order is free)."""
+    failure = await _try_keys(conn, keys, merge, stats)
+    if failure is None:
+        return
+    if len(keys) > 1:
+        half = len(keys) // 2
+        await _merge_isolating(conn, table, keys[:half], merge, stats)
+        await _merge_isolating(conn, table, keys[half:], merge, stats)
+        return
+    if len(stats.isolated) >= MAX_ISOLATED_PER_PASS:
+        raise TooManyIsolatedKeys(
+            f"more than {MAX_ISOLATED_PER_PASS} aggregate keys failed to merge in one pass; "
+            f"the last: {table.name} {keys[0]}"
+        ) from failure
+    key = keys[0]
+    error = f"{type(failure).__name__}: {failure}"[:_ERROR_TEXT_MAX]
+    await conn.execute(_ISOLATE, table.name, key[0], [str(v) for v in key[1:]], error)
+    stats.isolated.append(IsolatedKey(table.name, key, error))
+
+
+async def _merge_table(
+    conn: Connection, table: PartTable, limit: int, stats: MergeStats, merge: KeyMerge
+) -> None:
+    dirty = await _dirty_keys(conn, table, limit, stats)
+    if dirty:
+        await _merge_isolating(conn, table, dirty, merge, stats)
+
+
+# ---- passes ----------------------------------------------------------------------------------
+
+
 async def merge_pass(conn: Connection, limit: int = DEFAULT_LIMIT) -> MergeStats | None:
-    """One pass (one transaction); None when another merger holds the lock."""
+    """One pass (one transaction); None when another merger holds the lock. Keys isolated by the
+    pass are in `stats.isolated` and logged at ERROR once it committed."""
     async with conn.transaction():
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", MERGER_LOCK_KEY):
             return None
         stats = MergeStats()
-        await _merge_log(conn, limit, stats)
-        await _merge_usage(conn, limit, stats)
-        return stats
+        await _merge_table(conn, LOG_PARTS, limit, stats, _merge_log_keys)
+        await _merge_table(conn, USAGE_PARTS, limit, stats, _merge_usage_hourly_keys)
+        await _merge_table(conn, USAGE_USER_PARTS, limit, stats, _merge_usage_user_keys)
+    for isolated in stats.isolated:
+        log.error(
+            "aggregate key isolated: its merge failed, the other keys go on; "
+            "release it with `omnilog aggregates release` once fixed",
+            extra={
+                "parts_table": isolated.parts_table,
+                "key": [str(v) for v in isolated.key],
+                "error": isolated.error,
+            },
+        )
+    return stats
 
 
 async def merge_until_clean(
@@ -469,13 +592,39 @@ async def merge_until_clean(
             return total
         if total is None:
             total = MergeStats()
-        total.parts_read += stats.parts_read
-        total.parts_marked += stats.parts_marked
-        total.log_rows += stats.log_rows
-        total.usage_rows += stats.usage_rows
-        if not stats.more:
+        more = stats.more
+        stats.more = False
+        total.absorb(stats)
+        if not more:
             break
     return total
+
+
+async def count_isolated(conn: Connection) -> int:
+    return int(await conn.fetchval("SELECT count(*) FROM aggregate_isolated_keys"))
+
+
+async def list_isolated(conn: Connection) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT parts_table, window_start, key_values, error, isolated_at FROM aggregate_isolated_keys "
+        "ORDER BY isolated_at, parts_table, window_start"
+    )
+    return [dict(row) for row in rows]
+
+
+async def release_isolated(
+    conn: Connection, parts_table: str | None = None, organization_id: str | None = None
+) -> int:
+    """Release isolated keys (all, or of one parts table and/or organization): their parts are
+    still dirty, so the next pass merges them again (and isolates them again if they still fail).
+    Returns how many were released."""
+    status = await conn.execute(
+        "DELETE FROM aggregate_isolated_keys WHERE ($1::text IS NULL OR parts_table = $1) "
+        "AND ($2::text IS NULL OR key_values[1] = $2)",
+        parts_table,
+        organization_id,
+    )
+    return int(status.split()[-1])
 
 
 _PRUNE = (
@@ -501,41 +650,71 @@ PRUNE_EVERY_S: Final = 3600.0
 
 
 class MergerLoop:
-    """Runs `merge_until_clean` every `interval_s` on a pool; errors are logged and retried."""
+    """Runs `merge_until_clean` every `interval_s` on a pool (a worker's background job).
 
-    def __init__(self, interval_s: float, max_event_age_days: int, limit: int = DEFAULT_LIMIT) -> None:
+    Retriable errors (connection lost, serialization failures, ...) are retried through the
+    worker's retry policy (operation "merge": attempts in `omnilog_retry_attempts_total`, each
+    failure also in `omnilog_aggregate_merge_failures_total{kind="retriable"}`); keys that fail on
+    their own are isolated by the pass (`kind="key"`, gauge `omnilog_aggregate_keys_isolated`);
+    any other error ends the loop with a `PermanentError`, which stops the worker loudly rather
+    than let it ingest on with rollups that silently stopped."""
+
+    def __init__(
+        self,
+        interval_s: float,
+        max_event_age_days: int,
+        limit: int = DEFAULT_LIMIT,
+        retry_max_s: float = 30.0,
+    ) -> None:
         self.interval_s = interval_s
         self.max_event_age_days = max_event_age_days
         self.limit = limit
+        self.retry_max_s = retry_max_s
         self._last_prune = 0.0
         self._views_ready = False
 
     async def __call__(self, pool: asyncpg.Pool, metrics: WorkerMetrics | None = None) -> None:
+        metrics = metrics if metrics is not None else WorkerMetrics(CollectorRegistry())
+        policy = RetryPolicy(metrics, self.retry_max_s)
+
+        # A coroutine function, not a lambda returning a coroutine: tenacity awaits only the former.
+        async def attempt() -> MergeStats | None:
+            return await self.run_once(pool, metrics)
+
         while True:
             started = time.perf_counter()
-            try:
-                async with pool.acquire() as conn:
-                    if not self._views_ready:
-                        await ensure_rollup_views(conn, self.max_event_age_days)
-                        self._views_ready = True
-                    stats = await merge_until_clean(conn, self.limit)
-                    if time.monotonic() - self._last_prune > PRUNE_EVERY_S:
-                        await prune_parts(conn, self.max_event_age_days)
-                        self._last_prune = time.monotonic()
-            except Exception as exc:  # noqa: BLE001 - the worker must keep ingesting; parts stay dirty
-                log.warning("merge pass failed, retrying", extra={"error": f"{type(exc).__name__}: {exc}"})
-                stats = None
+            stats = await policy.call("merge", "postgres", attempt)
             elapsed = time.perf_counter() - started
-            if stats is not None and metrics is not None:
+            if stats is not None:
                 metrics.aggregate_merge_duration.observe(elapsed)
                 metrics.aggregate_parts_merged.inc(stats.parts_marked)
-            if stats is not None and stats.parts_read:
-                log.debug(
-                    "merge pass",
-                    extra={
-                        "parts": stats.parts_read,
-                        "log_rows": stats.log_rows,
-                        "seconds": round(elapsed, 3),
-                    },
-                )
+                metrics.aggregate_merge_failures.labels("key").inc(len(stats.isolated))
+                if stats.parts_read:
+                    log.debug(
+                        "merge pass",
+                        extra={
+                            "parts": stats.parts_read,
+                            "log_rows": stats.log_rows,
+                            "seconds": round(elapsed, 3),
+                        },
+                    )
             await asyncio.sleep(max(0.0, self.interval_s - elapsed))
+
+    async def run_once(self, pool: asyncpg.Pool, metrics: WorkerMetrics) -> MergeStats | None:
+        """Passes until clean (None: another merger holds the lock), the hourly prune, and the
+        isolated-keys gauge (read by every worker, whoever merged)."""
+        try:
+            async with pool.acquire() as conn:
+                if not self._views_ready:
+                    await ensure_rollup_views(conn, self.max_event_age_days)
+                    self._views_ready = True
+                stats = await merge_until_clean(conn, self.limit)
+                if time.monotonic() - self._last_prune > PRUNE_EVERY_S:
+                    await prune_parts(conn, self.max_event_age_days)
+                    self._last_prune = time.monotonic()
+                metrics.aggregate_keys_isolated.set(await count_isolated(conn))
+                return stats
+        except Exception as exc:
+            if classify(exc) is ErrorKind.RETRIABLE:
+                metrics.aggregate_merge_failures.labels("retriable").inc()
+            raise

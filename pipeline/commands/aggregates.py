@@ -1,4 +1,5 @@
-"""`omnilog aggregates show | usage | merge`: read the rollups, or run one merge pass."""
+"""`omnilog aggregates show | usage | merge | isolated | release`: read the rollups, run merge
+passes, list the keys the merger held aside and release them."""
 
 from __future__ import annotations
 
@@ -209,6 +210,51 @@ def merge(env_file: Path | None, wait: float) -> None:
         f"merged {stats.parts_marked} parts into {stats.log_rows} log_aggregates rows "
         f"and {stats.usage_rows} usage rows"
     )
+    for isolated in stats.isolated:
+        key = " ".join(str(v) for v in isolated.key)
+        click.echo(f"isolated {isolated.parts_table} {key}: {isolated.error}", err=True)
+
+
+@command.command("isolated")
+@_env_file
+@_json
+def isolated(env_file: Path | None, as_json: bool) -> None:
+    """List the aggregate keys the merger held aside because their merge failed."""
+    from sinks.merger import list_isolated
+
+    settings = load_settings(env_file)
+    rows = asyncio.run(_with_conn(settings, list_isolated))
+    for row in rows:
+        row["key_values"] = " ".join(row["key_values"])
+    columns = [
+        ("parts_table", "Parts table"),
+        ("window_start", "Window"),
+        ("key_values", "Key"),
+        ("isolated_at", "Isolated at"),
+        ("error", "Error"),
+    ]
+    _print(rows, columns, as_json, "isolated aggregate keys")
+
+
+@command.command("release")
+@_env_file
+@click.option(
+    "--table",
+    "parts_table",
+    type=click.Choice(["log_aggregate_parts", "usage_parts", "usage_user_parts"]),
+    default=None,
+    help="Only keys of this parts table [default: all tables].",
+)
+@click.option("--org", "org", default=None, help="Only keys of this organization [default: all].")
+def release(env_file: Path | None, parts_table: str | None, org: str | None) -> None:
+    """Release isolated keys: the next merge pass retries them (and isolates them again if they
+    still fail)."""
+    from sinks.merger import release_isolated
+
+    settings = load_settings(env_file)
+    org_id = None if org is None else _uuid(org, "--org")
+    released = asyncio.run(_with_conn(settings, lambda conn: release_isolated(conn, parts_table, org_id)))
+    click.echo(f"released {released} isolated aggregate keys")
 
 
 async def _with_conn(settings: Settings, body: Any) -> Any:

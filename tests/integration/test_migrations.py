@@ -187,8 +187,8 @@ SEED_TABLES: dict[str, dict[str, str]] = {
         "p95_duration_ms": "int4",
         "p99_duration_ms": "int4",
         "avg_duration_ms": "float8",
-        "total_bytes_in": "int8",
-        "total_bytes_out": "int8",
+        "total_bytes_in": "numeric",  # NUMERIC(38,0) since 0005: sums past 2^63 stay exact
+        "total_bytes_out": "numeric",
         "created_at": "timestamptz",
         "updated_at": "timestamptz",
         "duration_sketch": "bytea",  # addition
@@ -237,10 +237,10 @@ _USAGE_METRICS = {
     "request_count": "int8",
     "success_count": "int8",
     "error_count": "int8",
-    "total_input_tokens": "int8",
-    "total_output_tokens": "int8",
-    "total_cache_read_tokens": "int8",
-    "total_cost_cents": "int8",
+    "total_input_tokens": "numeric",  # NUMERIC(38,0) since 0005
+    "total_output_tokens": "numeric",
+    "total_cache_read_tokens": "numeric",
+    "total_cost_cents": "numeric",
     "avg_latency_ms": "float8",
     "p50_latency_ms": "float8",
     "p95_latency_ms": "float8",

@@ -3,18 +3,20 @@ of hourly, row values, usage mappings, and the generated SQL (parsed with pglast
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import numpy as np
 import orjson
 import pglast
 import pytest
 
 from pipeline.event import ValidationPolicy, ValidEvent, validate_event
-from pipeline.sketch import QuantileSketch
+from pipeline.sketch import QuantileSketch, SketchDecodeError
 from sinks import merger
 from sinks.aggregate_parts import (
     LOG_PARTS,
@@ -27,6 +29,7 @@ from sinks.aggregate_parts import (
     USAGE_USER_PARTS,
     Acc,
     fold,
+    group,
     log_parts,
     read_sql,
     upsert_sql,
@@ -255,6 +258,7 @@ SQL = [
         for t in (LOG_PARTS, USAGE_PARTS, USAGE_USER_PARTS)
         for f in (merger.dirty_sql, merger.load_sql, merger.mark_sql)
     ),
+    merger._ISOLATE,
 ]
 
 
@@ -269,3 +273,145 @@ def test_mark_only_touches_the_version_read() -> None:
     sql = merger.mark_sql(LOG_PARTS)
     assert "p.version = r.ver" in sql and "SKIP LOCKED" in sql and "SET merged_version = l.ver" in sql
     assert "WHERE p.version = EXCLUDED.version - 1" in upsert_sql(LOG_PARTS)
+
+
+# ---- sums that cannot overflow ---------------------------------------------------------------
+
+
+def test_group_sums_past_int64_are_exact() -> None:
+    # numpy's int64 adds wrap silently: 4 values of 2^62 sum to a negative number there.
+    rng = np.random.default_rng(5)
+    n = 4000
+    sums = rng.integers(2**61, 2**63 - 1, size=(n, 4), dtype=np.int64)
+    sums[:, 0] = 1  # a count column stays small
+    keys = [(3600 * int(rng.integers(0, 3)), f"k{int(rng.integers(0, 5))}") for _ in range(n)]
+    values = rng.integers(0, 10_000, size=n).astype(np.float64)
+    parts = group(keys, values, sums, LOG_PARTS.alpha)
+    expected: dict[tuple[object, ...], list[int]] = {}
+    for key, row in zip(keys, sums.tolist(), strict=True):
+        column_sums = expected.setdefault(key, [0, 0, 0, 0])
+        for j, v in enumerate(row):
+            column_sums[j] += v
+    got = {(_epoch(k[0]), k[1]): acc.sums for k, acc in parts.items()}
+    assert got == expected
+    assert max(max(s) for s in got.values()) > 2**63  # the case numpy would have wrapped
+    assert all(isinstance(v, int) for s in got.values() for v in s)
+
+
+def _epoch(window: object) -> int:
+    assert isinstance(window, datetime)
+    return int(window.timestamp())
+
+
+def test_group_fast_path_still_exact_near_its_limit() -> None:
+    # 2^22 * 2^40 < 2^63: the int64 path is taken and must agree with Python's sums.
+    n = 1000
+    sums = np.full((n, 4), 2**40 - 1, dtype=np.int64)
+    parts = group([(0, "k")] * n, np.ones(n), sums, LOG_PARTS.alpha)
+    assert next(iter(parts.values())).sums == [n * (2**40 - 1)] * 4
+
+
+def test_sums_from_numeric_columns_are_exact_and_fractions_refused() -> None:
+    from decimal import Decimal
+
+    from sinks.aggregate_parts import exact_int
+
+    sketch = QuantileSketch.from_values([5.0]).to_bytes()
+    acc = Acc.decode([Decimal(1), Decimal(0), Decimal(2**70 + 1), Decimal("12")], sketch)
+    assert acc.sums == [1, 0, 2**70 + 1, 12]
+    assert exact_int(Decimal("1E+3")) == 1000
+    with pytest.raises(ValueError, match="not an integer"):
+        exact_int(Decimal("2.5"))
+
+
+def test_rollup_values_carry_sums_past_int64() -> None:
+    sketch = QuantileSketch.from_values([10.0] * 3, alpha=LOG_PARTS.alpha)
+    a = Acc([3, 1, 2**63 + 5, 2**64], sketch)
+    b = Acc([3, 0, 2**63, 7], sketch.copy())
+    total = fold([("k", a), ("k", b)])["k"]
+    values = log_values(total)
+    assert (values.total, values.errors, values.bytes_in, values.bytes_out) == (6, 1, 2**64 + 5, 2**64 + 7)
+
+
+# ---- one bad key never stops a merge pass (bisection, without a database) ---------------------
+
+
+class _Savepoints:
+    """Just enough of a connection for the bisection: savepoints and the isolation insert."""
+
+    def __init__(self) -> None:
+        self.savepoints = 0
+        self.isolated: list[tuple[Any, ...]] = []
+
+    def transaction(self) -> Any:
+        self.savepoints += 1
+        return _AsyncNull()
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        assert sql == merger._ISOLATE
+        self.isolated.append(args)
+        return "INSERT 0 1"
+
+
+class _AsyncNull:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+def _merge_failing_on(bad: set[PartKeyT], merged: list[PartKeyT], error: Exception) -> Any:
+    async def merge(conn: Any, keys: list[PartKeyT], stats: merger.MergeStats) -> None:
+        if bad.intersection(keys):
+            raise error
+        merged.extend(keys)
+        stats.parts_read += len(keys)
+
+    return merge
+
+
+PartKeyT = tuple[object, ...]
+HOUR = datetime(2026, 11, 23, 10, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("bad_count", [0, 1, 3])
+def test_bisection_isolates_exactly_the_failing_keys(bad_count: int) -> None:
+    keys: list[PartKeyT] = [(HOUR, ORG, str(uuid.UUID(int=i)), "m") for i in range(1000)]
+    bad = set(random.Random(bad_count).sample(keys, bad_count))
+    merged: list[PartKeyT] = []
+    conn = _Savepoints()
+    stats = merger.MergeStats()
+    corrupt = SketchDecodeError("crc mismatch")
+    asyncio.run(
+        merger._merge_isolating(conn, LOG_PARTS, keys, _merge_failing_on(bad, merged, corrupt), stats)  # type: ignore[arg-type]
+    )
+    assert sorted(merged, key=str) == sorted(set(keys) - bad, key=str)  # every good key, once
+    assert stats.parts_read == len(keys) - bad_count
+    assert {i.key for i in stats.isolated} == bad
+    assert [(a[0], a[1], a[2]) for a in conn.isolated] == [
+        ("log_aggregate_parts", k[0], [str(v) for v in k[1:]]) for k in (i.key for i in stats.isolated)
+    ]
+    assert all("SketchDecodeError: crc mismatch" in i.error for i in stats.isolated)
+    # one savepoint when nothing fails; about 2·log2(n) more per bad key
+    assert conn.savepoints <= 1 + bad_count * 2 * 10
+    if not bad:
+        assert conn.savepoints == 1
+
+
+def test_errors_not_about_data_fail_the_pass_instead_of_isolating() -> None:
+    keys: list[PartKeyT] = [(HOUR, ORG, str(uuid.UUID(int=i)), "m") for i in range(8)]
+    for error in (asyncpg.exceptions.UndefinedTableError("gone"), asyncpg.exceptions.SerializationError("x")):
+        merge = _merge_failing_on({keys[3]}, [], error)
+        with pytest.raises(type(error)):
+            asyncio.run(merger._merge_isolating(_Savepoints(), LOG_PARTS, keys, merge, merger.MergeStats()))  # type: ignore[arg-type]
+    assert merger.attributable_to_keys(asyncpg.exceptions.NumericValueOutOfRangeError("x"))
+    assert merger.attributable_to_keys(SketchDecodeError("x"))
+    assert not merger.attributable_to_keys(ConnectionResetError())
+
+
+def test_too_many_failing_keys_is_not_a_few_bad_keys() -> None:
+    keys: list[PartKeyT] = [(HOUR, ORG, str(uuid.UUID(int=i)), "m") for i in range(300)]
+    merge = _merge_failing_on(set(keys), [], ValueError("every key fails: a bug, not data"))
+    with pytest.raises(merger.TooManyIsolatedKeys):
+        asyncio.run(merger._merge_isolating(_Savepoints(), LOG_PARTS, keys, merge, merger.MergeStats()))  # type: ignore[arg-type]
