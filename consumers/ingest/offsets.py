@@ -144,7 +144,6 @@ class OffsetGuard:
         partitions = sorted(stored)
 
         async def read_bounds() -> dict[int, tuple[int, int]]:
-            # A coroutine function, not a lambda: the retry policy awaits only those.
             return await self._log_bounds(consumer, partitions)
 
         bounds = await self._retry.call("log_bounds", "kafka", read_bounds)
