@@ -67,7 +67,7 @@ __all__ = [
 class ValidEvent:
     """A valid event: the fields the index, usage rows and aggregates need, plus the line to store."""
 
-    line: bytes  # the value as received, or its compact re-serialisation if it held a line break
+    line: bytes  # the value as received, with any raw CR/LF bytes (whitespace) turned into spaces
     event_id: str  # canonical lowercase UUID text
     organization_id: str
     started_at: datetime  # UTC
@@ -121,6 +121,7 @@ class ValidEvent:
 class InvalidEvent:
     reason: InvalidReason
     detail: str  # starts with the field name when one field is at fault
+    exception: str | None = None  # the exception class, for `internal_error` only
 
 
 @dataclass(frozen=True)
@@ -130,16 +131,13 @@ class ValidationPolicy:
     max_age: timedelta
     max_future_skew: timedelta
 
-    @classmethod
-    def from_settings(cls, max_event_age_days: int, max_future_skew_s: int) -> ValidationPolicy:
-        return cls(timedelta(days=max_event_age_days), timedelta(seconds=max_future_skew_s))
-
 
 # The accepted started_at window for the last (now, policy) seen: a batch validates with one clock
 # reading, so the window is computed once per batch rather than once per event. One tuple, replaced
 # whole, so concurrent callers never pair a window with another call's key.
 _window: tuple[datetime, ValidationPolicy, datetime, datetime] | None = None
 _LOWEST: Final = datetime.min.replace(tzinfo=UTC)
+_LINE_BREAKS_TO_SPACES: Final = bytes.maketrans(b"\r\n", b"  ")
 _HIGHEST: Final = datetime.max.replace(tzinfo=UTC)
 
 
@@ -168,9 +166,20 @@ def _decode_failure(value: bytes, exc: orjson.JSONDecodeError) -> InvalidEvent:
 def validate_event(value: bytes | None, now: datetime, policy: ValidationPolicy) -> ValidEvent | InvalidEvent:
     """Validate one Kafka message value at `now` (tz-aware) under `policy`.
 
-    Pass the same `now` object for a whole batch: the accepted time window is then computed once.
-    Never raises for any input bytes; an `InvalidEvent` says why (its `reason` is a metric label).
+    `now` is the reference of the accepted `started_at` window: the worker passes the record's
+    Kafka timestamp (capped at its own clock), so a replayed message gets the same verdict. The
+    window is recomputed only when `now` changes.
+    Never raises for any input bytes: an `InvalidEvent` says why (its `reason` is a metric label);
+    an unexpected exception is an `internal_error` naming the exception class.
     """
+    try:
+        return _validate(value, now, policy)
+    except Exception as exc:  # noqa: BLE001 - one message must never stop a batch; its letter says why
+        detail = f"{type(exc).__name__}: {exc}"
+        return InvalidEvent("internal_error", detail[:512], type(exc).__name__)
+
+
+def _validate(value: bytes | None, now: datetime, policy: ValidationPolicy) -> ValidEvent | InvalidEvent:
     if value is None:
         return InvalidEvent("not_json", "value is null (a tombstone), not a JSON object")
     try:
@@ -310,7 +319,7 @@ def _event(obj: dict[str, Any], value: bytes, now: datetime, policy: ValidationP
         redaction_version = rules.integer("redaction_version", redaction_version, INT32_MIN, INT32_MAX)
 
     window = _window
-    if window is not None and window[0] is now and window[1] is policy:
+    if window is not None and window[0] == now and window[1] is policy:
         low, high = window[2], window[3]
     else:
         low, high = _window_for(now, policy)
@@ -320,9 +329,12 @@ def _event(obj: dict[str, Any], value: bytes, now: datetime, policy: ValidationP
             f"started_at: {started_at.isoformat()} is outside [{low.isoformat()}, {high.isoformat()}]",
         )
 
-    # JSON Lines holds one event per line: a pretty-printed value is stored compact. (An int
-    # needle makes `in` a plain memchr: several times faster than a bytes needle.)
-    line = orjson.dumps(obj) if 10 in value or 13 in value else value
+    # JSON Lines holds one event per line. In valid JSON a raw CR or LF byte can only be whitespace
+    # between tokens (inside strings they must be escaped, and UTF-8 never uses those bytes in a
+    # multi-byte character), so turning them into spaces keeps the value's meaning, length and
+    # every other byte: no re-serialisation, hence no depth limit and no precision loss.
+    # (An int needle makes `in` a plain memchr: several times faster than a bytes needle.)
+    line = value.translate(_LINE_BREAKS_TO_SPACES) if 10 in value or 13 in value else value
     return ValidEvent(
         line,
         event_id,

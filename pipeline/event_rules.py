@@ -27,6 +27,10 @@ InvalidReason = Literal[
     "bad_enum",
     "out_of_range_time",
     "unsupported_schema_version",
+    # Given by the worker, not by validate_event's rules:
+    "expired",  # started_at's UTC day is before the retention horizon (its partition is dropped)
+    "rejected_by_database",  # PostgreSQL refused the event's row (a data error no rule caught)
+    "internal_error",  # an unexpected exception while decoding this one message
 ]
 
 SCHEMA_VERSION: Final = 1

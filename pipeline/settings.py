@@ -93,6 +93,20 @@ class Settings(BaseSettings):
     # Dead-letter limit: stop consuming instead of draining a bad deploy into the DLQ.
     dlq_max_ratio: float = Field(0.5, validation_alias=_env("OMNILOG_DLQ_MAX_RATIO"), gt=0, le=1)
     dlq_min_window: int = Field(1000, validation_alias=_env("OMNILOG_DLQ_MIN_WINDOW"), gt=0)
+    # A dead letter must always be producible: a record larger than this (key + value + headers) keeps
+    # a truncated copy of its value, and the whole value goes to object storage under
+    # OMNILOG_DLQ_OBJECT_PREFIX, named in its headers. Kafka's default record limit is 1 MiB
+    # (message.max.bytes); keep this below the dead-letter topic's limit.
+    dlq_max_record_bytes: int = Field(
+        1_000_000, validation_alias=_env("OMNILOG_DLQ_MAX_RECORD_BYTES"), ge=16 * 1024, le=100 * 1024 * 1024
+    )
+    dlq_compression: Literal["none", "gzip"] = Field("gzip", validation_alias=_env("OMNILOG_DLQ_COMPRESSION"))
+    dlq_object_prefix: str = Field(
+        "dead-letters/",
+        validation_alias=_env("OMNILOG_DLQ_OBJECT_PREFIX"),
+        min_length=1,
+        pattern=r"^[A-Za-z0-9._/-]+/$",
+    )
 
     # Aggregates merger.
     # A pass costs about the same however many batches dirtied a key (it re-reads all parts of the

@@ -14,7 +14,7 @@ Any failure rolls the whole batch back; a failed compare-and-set raises `Fenced`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Protocol
@@ -31,6 +31,19 @@ class Fenced(Exception):
     def __init__(self, partitions: Sequence[int]) -> None:
         super().__init__(f"offset compare-and-set failed for partitions {sorted(partitions)}")
         self.partitions = list(partitions)
+
+
+class HorizonMoved(Exception):
+    """The retention horizon passed some of the batch's event days: those events are expired now
+    (their day partitions may be gone) and must be dead-lettered before the batch is committed."""
+
+    def __init__(self, horizon: date) -> None:
+        super().__init__(f"the retention horizon moved to {horizon.isoformat()}")
+        self.horizon = horizon
+
+
+# Reads the retention horizon inside the batch transaction, holding it there until the commit.
+LockHorizon = Callable[[Connection], Awaitable[date | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,8 +178,11 @@ async def commit_batch(
     indexed: Sequence[IndexedEvent],
     objects: Sequence[ObjectRecord],
     extensions: Sequence[BatchExtension] = (),
+    lock_horizon: LockHorizon | None = None,
 ) -> BatchOutcome:
-    """Make one batch durable, or raise (Fenced, or the database error) with nothing written."""
+    """Make one batch durable, or raise (Fenced, HorizonMoved, or the database error) with nothing
+    written. `lock_horizon` reads the retention horizon and keeps `maintain` from moving it until
+    this transaction ends, so no row can land in a day partition that is being dropped."""
     async with conn.transaction():
         advanced = await conn.fetch(
             _ADVANCE_OFFSETS,
@@ -179,6 +195,10 @@ async def commit_batch(
         if len(advanced) != len(ranges):
             moved = {r.partition for r in ranges} - {row["partition"] for row in advanced}
             raise Fenced(sorted(moved))
+        if lock_horizon is not None and indexed:
+            horizon = await lock_horizon(conn)
+            if horizon is not None and min(i.event.started_at.date() for i in indexed) < horizon:
+                raise HorizonMoved(horizon)
         new_events: list[ValidEvent] = []
         if indexed:
             await conn.execute(_CREATE_STAGE)

@@ -136,6 +136,13 @@ class ObjectWriter:
                     ContentEncoding="gzip",
                 )
 
+    async def put_blob(self, key: str, body: bytes) -> None:
+        """Store opaque bytes as they are (a dead letter's value): one PUT, no content encoding."""
+        async with self._slots:
+            await self._client.put_object(
+                Bucket=self._bucket, Key=key, Body=body, ContentType="application/octet-stream"
+            )
+
     async def _put_multipart(self, key: str, body: bytes) -> None:
         created = await self._client.create_multipart_upload(
             Bucket=self._bucket, Key=key, ContentType="application/x-ndjson", ContentEncoding="gzip"

@@ -1,4 +1,4 @@
-"""Accumulating consumed messages into batches bounded by count, encoded bytes and age.
+"""Accumulating consumed messages into batches bounded by count, raw message bytes and age.
 
 A batch spans every partition the worker owns: one flush then writes fewer, larger objects and
 one transaction for all of them (the offset compare-and-set fences each partition separately).
@@ -16,12 +16,14 @@ from sinks.index import PartitionRange
 
 @dataclass(slots=True)
 class Message:
-    """What a flush needs of one Kafka record: its value and its coordinates."""
+    """What a flush needs of one Kafka record: its bytes, coordinates and timestamp."""
 
     partition: int
     offset: int
-    value: bytes | None
-    size: int
+    value: bytes | None  # None for a tombstone
+    size: int  # key + value bytes
+    key: bytes | None = None
+    timestamp_ms: int = -1  # the record's Kafka timestamp; -1 when the record has none
 
 
 @dataclass(slots=True)
@@ -80,9 +82,10 @@ class BatchBuffer:
         for record in records:
             if record.offset <= last:
                 continue
-            value = record.value
-            size = len(value) if value is not None else 0
-            self._messages.append(Message(partition, record.offset, value, size))
+            value, key = record.value, record.key
+            size = (len(value) if value is not None else 0) + (len(key) if key is not None else 0)
+            timestamp = record.timestamp if isinstance(record.timestamp, int) else -1
+            self._messages.append(Message(partition, record.offset, value, size, key, timestamp))
             self._bytes += size
             last = record.offset
             accepted += 1

@@ -8,12 +8,14 @@ from datetime import date
 
 from prometheus_client import CollectorRegistry
 
+from consumers.ingest.flush import Horizon
 from consumers.ingest.worker import IngestWorker
 from pipeline.settings import Settings
 from sinks.aggregates import build_extensions, build_merger
 from sinks.db import Connection
-from sinks.partitions import PartitionCache, ensure_day_partitions
-from sinks.retention import load_horizon
+from sinks.index import HorizonMoved
+from sinks.partitions import PartitionCache, PartitionExpired, ensure_day_partitions
+from sinks.retention import load_horizon, lock_horizon
 
 # Tables a batch inserts into, partitioned by the event's UTC day.
 _DAY_PARTITIONED = ("log_index", "usage_events", "mcp_usage")
@@ -21,16 +23,19 @@ _DAY_PARTITIONED = ("log_index", "usage_events", "mcp_usage")
 
 def partition_ensurer(cache: PartitionCache) -> Callable[[Connection, set[date]], Awaitable[None]]:
     """What a flush calls before its batch transaction: the batch's days exist afterwards, or
-    `sinks.partitions.PartitionExpired` names those before the retention horizon (nothing
-    created for them)."""
+    `HorizonMoved` says maintain moved the retention horizon past some of them since the flush
+    read it (nothing created for them): the flush then dead-letters those events as expired."""
 
     async def ensure_partitions(conn: Connection, days: set[date]) -> None:
         # Late events are normal: a missing day is created on demand (cheap when cached). The
         # horizon is re-read every time (one primary-key read), so the cache forgets the days
         # maintain has dropped since before it is consulted.
         cache.note_horizon(await load_horizon(conn))
-        for table in _DAY_PARTITIONED:
-            await ensure_day_partitions(conn, table, days, cache)
+        try:
+            for table in _DAY_PARTITIONED:
+                await ensure_day_partitions(conn, table, days, cache)
+        except PartitionExpired as expired:
+            raise HorizonMoved(expired.horizon) from expired
 
     return ensure_partitions
 
@@ -42,4 +47,5 @@ def build_worker(settings: Settings, registry: CollectorRegistry | None = None) 
         extensions=build_extensions(),
         ensure_partitions=partition_ensurer(PartitionCache()),
         background=[build_merger(settings)],
+        horizon=Horizon(load=load_horizon, lock=lock_horizon),
     )

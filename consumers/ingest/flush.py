@@ -1,27 +1,41 @@
 """One flush: a batch of consumed messages becomes objects in S3 and rows in Postgres.
 
-Stages: decode/validate -> dead letters -> encode -> upload -> Postgres transaction.
-Each stage that talks to a dependency is retried with jittered backoff until it succeeds or the
-flush is cancelled (revoke, shutdown): a flush never skips a message. Uploaded objects are kept
-across retries of the Postgres stage so a database outage does not multiply orphans.
+Steps, each a small function below:
+  horizon -> decode -> dead letters -> encode -> upload -> transaction (-> Kafka commit, by the worker)
+
+Failure handling, decided by the worker's one retry policy (consumers/ingest/retry.py):
+- a dependency that is unavailable is retried, with backoff, for as long as it lasts: a flush never
+  skips a message. Uploaded objects are kept across retries of the transaction, so a database
+  outage does not multiply orphans; an upload held too long is renewed before the commit;
+- decoding never raises: every message is a valid event or a dead letter;
+- a data error in the transaction is traced to the message(s) causing it (bisection in rolled-back
+  transactions); those are dead-lettered (`rejected_by_database`) and the rest is committed. If no
+  single message explains it, the error is permanent and the worker stops (PermanentError);
+- events whose day the retention horizon has passed are dead-lettered (`expired`), before the
+  transaction or, if `maintain` moved the horizon meanwhile, when the transaction finds out.
+Offsets: every message of the batch ends in exactly one place (an index row, a counted duplicate or a
+dead letter) before the transaction advances the stored offsets; dead letters are produced first, so
+a crash can only repeat them (at-least-once), never lose them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
-from typing import Any, TypeVar
+from typing import Final
 
 import asyncpg
-from tenacity import AsyncRetrying, retry_if_not_exception_type, wait_random_exponential
 
-from consumers.ingest.batch import Batch
-from consumers.ingest.dlq import DeadLetter, DeadLetterLimit, send_dead_letters
+from consumers.ingest.batch import Batch, Message
+from consumers.ingest.dlq import DeadLetter, DeadLetterLimit, DeadLetterWriter
+from consumers.ingest.isolate import find_culprits
+from consumers.ingest.retry import ErrorKind, PermanentError, RetryPolicy, classify
 from pipeline import failpoints
 from pipeline.event import InvalidEvent, ValidationPolicy, ValidEvent, validate_event
 from pipeline.metrics import WorkerMetrics
@@ -30,14 +44,15 @@ from sinks.index import (
     BatchExtension,
     BatchOutcome,
     Fenced,
+    HorizonMoved,
     IndexedEvent,
+    LockHorizon,
     ObjectRecord,
     commit_batch,
 )
 from sinks.objects import ObjectWriter, encode_lines, object_key, object_uri
 
 log = logging.getLogger("omnilog.flush")
-T = TypeVar("T")
 
 GroupKey = tuple[str, date, str | None]
 
@@ -45,7 +60,36 @@ GroupKey = tuple[str, date, str | None]
 # An upload held longer than this while Postgres retries is re-uploaded under a new key before
 # the commit: the janitor's orphan grace (6 h by default) can then never delete an object that a
 # slow commit is about to point at.
-REUPLOAD_AFTER_S = 3600.0
+REUPLOAD_AFTER_S: Final = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Horizon:
+    """The retention horizon: the first UTC day still accepted (None: no horizon yet)."""
+
+    load: Callable[[Connection], Awaitable[date | None]]  # a plain read, before the batch
+    lock: LockHorizon  # the same read inside the batch transaction, held until it ends
+
+
+@dataclass
+class FlushContext:
+    """Everything a flush touches; built once per worker."""
+
+    topic: str
+    consumer_group: str
+    pool: asyncpg.Pool
+    objects: ObjectWriter
+    dead_letters: DeadLetterWriter
+    metrics: WorkerMetrics
+    policy: ValidationPolicy
+    member_bytes: int
+    gzip_level: int
+    retry: RetryPolicy
+    dlq_limit: DeadLetterLimit
+    extensions: Sequence[BatchExtension] = ()
+    ensure_partitions: Callable[[Connection, set[date]], Awaitable[None]] | None = None
+    horizon: Horizon | None = None
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
 
 @dataclass(slots=True)
@@ -62,6 +106,9 @@ class PendingObject:
     def uploaded(self) -> bool:
         return self.uploaded_at is not None
 
+    def stale(self, now: float) -> bool:
+        return self.uploaded_at is not None and now - self.uploaded_at > REUPLOAD_AFTER_S
+
     def rekey(self, bucket: str, topic: str) -> None:
         """Point this object (and its events' pointers) at a fresh key, not yet uploaded."""
         org, day, server = self.group
@@ -73,86 +120,160 @@ class PendingObject:
 
 
 @dataclass(slots=True)
+class Decoded:
+    valid: list[ValidEvent]
+    letters: list[DeadLetter]
+    in_batch_duplicates: int
+    source: dict[str, Message]  # event_id -> the message it came from (for a later dead letter)
+
+
+@dataclass(slots=True)
 class FlushReport:
     messages: int
-    invalid: int
+    letters: list[DeadLetter]
     in_batch_duplicates: int
     outcome: BatchOutcome
-    objects: int
-    object_bytes: int
+    objects: list[int]  # compressed size of each object written
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
-
-@dataclass
-class FlushContext:
-    """Everything a flush touches; built once per worker."""
-
-    topic: str
-    dlq_topic: str
-    consumer_group: str
-    pool: asyncpg.Pool
-    objects: ObjectWriter
-    producer: Any
-    metrics: WorkerMetrics
-    policy: ValidationPolicy
-    member_bytes: int
-    gzip_level: int
-    retry_max_s: float
-    dlq_limit: DeadLetterLimit
-    extensions: Sequence[BatchExtension] = ()
-    ensure_partitions: Callable[[Connection, set[date]], Awaitable[None]] | None = None
-    on_dependency: Callable[[str, bool], None] = lambda name, ok: None
+    @property
+    def invalid(self) -> int:
+        return len(self.letters)
 
 
-async def _retrying(ctx: FlushContext, stage: str, dependency: str, call: Callable[[], Awaitable[T]]) -> T:
-    """Run `call` until it succeeds; Fenced and cancellation pass straight through."""
-    attempt = 0
-    async for attempt_ctx in AsyncRetrying(
-        wait=wait_random_exponential(multiplier=0.2, max=ctx.retry_max_s),
-        retry=retry_if_not_exception_type((Fenced, asyncio.CancelledError)),
-        reraise=True,
-    ):
-        with attempt_ctx:
-            attempt += 1
-            try:
-                result = await call()
-            except Fenced:
-                raise
-            except Exception as exc:
-                ctx.metrics.flush_failures.labels(stage).inc()
-                ctx.on_dependency(dependency, False)
-                log.warning(
-                    "flush stage failed, retrying",
-                    extra={"stage": stage, "attempt": attempt, "error": f"{type(exc).__name__}: {exc}"},
-                )
-                raise
-            ctx.on_dependency(dependency, True)
-            return result
-    raise AssertionError("unreachable: AsyncRetrying retries forever")
+class _UploadsStale(Exception):
+    """Objects held too long to commit safely: renew them, then try the transaction again."""
 
 
-def _decode(ctx: FlushContext, batch: Batch) -> tuple[list[ValidEvent], list[DeadLetter], int]:
-    now = datetime.now(UTC)
+@contextlib.contextmanager
+def _timed(stages: dict[str, float], stage: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        stages[stage] = stages.get(stage, 0.0) + time.perf_counter() - t0
+
+
+async def flush(ctx: FlushContext, batch: Batch) -> FlushReport:
+    """Make `batch` durable. Raises Fenced (nothing written), DeadLetterLimitExceeded or
+    PermanentError (the worker must stop)."""
+    stages: dict[str, float] = {}
+    horizon = await _load_horizon(ctx)
+    with _timed(stages, "decode"):
+        decoded = decode(batch.messages, ctx.policy, ctx.clock(), horizon)
+
+    # Before anything is written: a bad deploy must stop here, not be drained.
+    ctx.dlq_limit.check(len(batch.messages), len(decoded.letters))
+
+    with _timed(stages, "dlq"):
+        await _send_dead_letters(ctx, decoded.letters)
+    with _timed(stages, "encode"):
+        pending = _encode(ctx, decoded.valid)
+    try:
+        with _timed(stages, "upload"):
+            await _upload(ctx, pending)
+        failpoints.hit("after_upload")
+        with _timed(stages, "postgres"):
+            outcome = await _commit(ctx, batch, pending, decoded)
+        failpoints.hit("after_postgres_commit")
+    except BaseException:
+        orphans = sum(1 for p in pending if p.uploaded)
+        if orphans:
+            ctx.metrics.orphaned_uploads.inc(orphans)
+        raise
+    return FlushReport(
+        messages=len(batch.messages),
+        letters=decoded.letters,
+        in_batch_duplicates=decoded.in_batch_duplicates,
+        outcome=outcome,
+        objects=[len(p.body) for p in pending],
+        stage_seconds=stages,
+    )
+
+
+async def _load_horizon(ctx: FlushContext) -> date | None:
+    horizon = ctx.horizon
+    if horizon is None:
+        return None
+
+    async def read() -> date | None:
+        async with ctx.pool.acquire() as conn:
+            return await horizon.load(conn)
+
+    return await ctx.retry.call("load_horizon", "postgres", read)
+
+
+# ---- decode ------------------------------------------------------------------------------------
+
+
+def decode(
+    messages: Sequence[Message], policy: ValidationPolicy, now: datetime, horizon: date | None
+) -> Decoded:
+    """Every message becomes a valid event or a dead letter; this never raises.
+
+    The accepted `started_at` window is measured from the record's Kafka timestamp, capped at `now`:
+    a batch replayed after a crash then gets the same verdicts (one offset can never be dead-lettered
+    first and indexed later). Only a record stamped in the future of the worker's clock falls back to
+    the clock (see docs/contract.md); topics should use LogAppendTime.
+    """
     valid: list[ValidEvent] = []
     letters: list[DeadLetter] = []
-    seen: set[str] = set()
+    source: dict[str, Message] = {}
     in_batch_duplicates = 0
-    for message in batch.messages:
-        result = validate_event(message.value, now, ctx.policy)
+    now_ms = int(now.timestamp() * 1000)
+    reference, reference_ms = now, now_ms
+    for message in messages:
+        stamp = message.timestamp_ms
+        if 0 <= stamp < now_ms and stamp != reference_ms:
+            reference, reference_ms = datetime.fromtimestamp(stamp / 1000, UTC), stamp
+        elif not 0 <= stamp < now_ms and reference_ms != now_ms:
+            reference, reference_ms = now, now_ms
+        try:
+            result = validate_event(message.value, reference, policy)
+        except Exception as exc:  # noqa: BLE001 - validate_event promises not to raise; if it does, one letter
+            result = InvalidEvent("internal_error", f"{type(exc).__name__}: {exc}"[:512], type(exc).__name__)
         if isinstance(result, InvalidEvent):
-            letters.append(DeadLetter(message, result.reason, result.detail))
-        elif result.event_id in seen:
+            letters.append(DeadLetter(message, result.reason, result.detail, result.exception))
+        elif horizon is not None and result.started_at.date() < horizon:
+            letters.append(_expired(message, result, horizon))
+        elif result.event_id in source:
             in_batch_duplicates += 1
         else:
-            seen.add(result.event_id)
+            source[result.event_id] = message
             valid.append(result)
-    return valid, letters, in_batch_duplicates
+    return Decoded(valid, letters, in_batch_duplicates, source)
 
 
-def _encode(ctx: FlushContext, bucket: str, events: list[ValidEvent]) -> list[PendingObject]:
+def _expired(message: Message, event: ValidEvent, horizon: date) -> DeadLetter:
+    detail = (
+        f"started_at: {event.started_at.date().isoformat()} is before the retention horizon "
+        f"{horizon.isoformat()} (its day has been expired)"
+    )
+    return DeadLetter(message, "expired", detail)
+
+
+# ---- dead letters --------------------------------------------------------------------------------
+
+
+async def _send_dead_letters(ctx: FlushContext, letters: Sequence[DeadLetter]) -> None:
+    if not letters:
+        return
+    writer = ctx.dead_letters
+    outgoing = writer.prepare(letters)
+    if any(o.offload_key is not None for o in outgoing):
+        offloaded = await ctx.retry.call("dlq_offload", "s3", lambda: writer.offload(outgoing))
+        ctx.metrics.dead_letters_offloaded.inc(offloaded)
+    await ctx.retry.call("dlq", "kafka", lambda: writer.send(outgoing))
+
+
+# ---- encode and upload ---------------------------------------------------------------------------
+
+
+def _encode(ctx: FlushContext, events: list[ValidEvent]) -> list[PendingObject]:
     groups: dict[GroupKey, list[ValidEvent]] = defaultdict(list)
     for event in events:
         groups[(event.organization_id, event.started_at.date(), event.server_id)].append(event)
+    bucket = ctx.objects.bucket
     pending = []
     for (org, day, server), members in groups.items():
         encoded = encode_lines([e.line for e in members], ctx.member_bytes, ctx.gzip_level)
@@ -167,92 +288,179 @@ def _encode(ctx: FlushContext, bucket: str, events: list[ValidEvent]) -> list[Pe
     return pending
 
 
-async def flush(ctx: FlushContext, batch: Batch) -> FlushReport:
-    """Make `batch` durable. Raises Fenced (nothing written) or DeadLetterLimitExceeded."""
-    stages: dict[str, float] = {}
-    t0 = time.perf_counter()
-    valid, letters, in_batch_duplicates = _decode(ctx, batch)
-    stages["decode"] = time.perf_counter() - t0
+async def _upload(ctx: FlushContext, pending: list[PendingObject]) -> None:
+    async def upload_missing() -> None:
+        async def one(p: PendingObject) -> None:
+            await ctx.objects.put(p.key, p.body)
+            p.uploaded_at = time.monotonic()
+            failpoints.hit("during_upload")
 
-    # Before anything is written: a bad deploy must stop here, not be drained.
-    ctx.dlq_limit.check(len(batch.messages), len(letters))
+        # A TaskGroup cancels the sibling uploads when one fails, so a retry never races a stale
+        # upload. It wraps the failure in a group: the first error is what the retry policy judges.
+        try:
+            async with asyncio.TaskGroup() as group:
+                for p in pending:
+                    if not p.uploaded:
+                        group.create_task(one(p))
+        except ExceptionGroup as failed:
+            raise failed.exceptions[0] from failed
 
-    if letters:
-        t0 = time.perf_counter()
-        await _retrying(
-            ctx, "dlq", "kafka", lambda: send_dead_letters(ctx.producer, ctx.dlq_topic, ctx.topic, letters)
+    await ctx.retry.call("upload", "s3", upload_missing)
+
+
+async def _renew_stale(ctx: FlushContext, pending: list[PendingObject]) -> None:
+    stale = [p for p in pending if p.stale(time.monotonic())]
+    if stale:
+        ctx.metrics.orphaned_uploads.inc(len(stale))
+        for p in stale:
+            p.rekey(ctx.objects.bucket, ctx.topic)
+        await _upload(ctx, pending)
+
+
+# ---- the transaction -----------------------------------------------------------------------------
+
+
+async def _commit(
+    ctx: FlushContext, batch: Batch, pending: list[PendingObject], decoded: Decoded
+) -> BatchOutcome:
+    """The batch transaction, retried while Postgres is unavailable. Messages found unfit on the way
+    (expired days, rows Postgres refuses) are dead-lettered, then the rest is committed."""
+    while True:
+        await _renew_stale(ctx, pending)
+        letters: list[DeadLetter]
+        try:
+            return await ctx.retry.call(
+                "postgres",
+                "postgres",
+                lambda: _transaction(ctx, batch, pending, check_horizon=True),
+                passthrough=(Fenced, HorizonMoved, _UploadsStale),
+            )
+        except _UploadsStale:
+            continue
+        except HorizonMoved as moved:
+            letters = _expire(ctx, pending, decoded, moved.horizon)
+        except PermanentError as error:
+            if error.kind is not ErrorKind.DATA:
+                raise
+            try:
+                culprits = await _isolate(ctx, batch, pending, error)
+            except HorizonMoved as moved:
+                letters = _expire(ctx, pending, decoded, moved.horizon)
+            else:
+                refused = _remove(ctx, pending, culprits)
+                detail = f"{type(error.cause).__name__}: {error.cause}"
+                letters = [
+                    DeadLetter(decoded.source[e.event_id], "rejected_by_database", detail) for e in refused
+                ]
+        log.warning(
+            "dead-lettering events the transaction refused",
+            extra={"count": len(letters), "reason": letters[0].reason if letters else None},
         )
-        stages["dlq"] = time.perf_counter() - t0
+        await _send_dead_letters(ctx, letters)
+        decoded.letters.extend(letters)
 
-    t0 = time.perf_counter()
-    pending = _encode(ctx, ctx.objects.bucket, valid)
-    stages["encode"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    try:
-        await _retrying(ctx, "upload", "s3", lambda: _upload_all(ctx, pending))
-        stages["upload"] = time.perf_counter() - t0
-        failpoints.hit("after_upload")
+async def _transaction(
+    ctx: FlushContext,
+    batch: Batch,
+    pending: list[PendingObject],
+    *,
+    check_horizon: bool,
+    only: Sequence[IndexedEvent] | None = None,
+    rollback: bool = False,
+) -> BatchOutcome:
+    if any(p.stale(time.monotonic()) for p in pending):
+        raise _UploadsStale
+    indexed = list(only) if only is not None else [i for p in pending for i in p.indexed]
+    records = [p.record for p in pending] if only is None else []
+    async with ctx.pool.acquire() as conn:
+        days = {i.event.started_at.date() for i in indexed}
+        if ctx.ensure_partitions is not None and days:
+            await ctx.ensure_partitions(conn, days)
 
-        t0 = time.perf_counter()
-        days = {e.started_at.date() for e in valid}
+        def commit() -> Awaitable[BatchOutcome]:
+            return commit_batch(
+                conn,
+                consumer_group=ctx.consumer_group,
+                topic=ctx.topic,
+                ranges=batch.ranges,
+                indexed=indexed,
+                objects=records,
+                extensions=ctx.extensions,
+                lock_horizon=ctx.horizon.lock if ctx.horizon is not None and check_horizon else None,
+            )
 
-        async def commit() -> BatchOutcome:
-            stale = [
-                p
-                for p in pending
-                if p.uploaded_at is not None and time.monotonic() - p.uploaded_at > REUPLOAD_AFTER_S
-            ]
-            if stale:
-                ctx.metrics.orphaned_uploads.inc(len(stale))
-                for p in stale:
-                    p.rekey(ctx.objects.bucket, ctx.topic)
-                await _upload_all(ctx, pending)
-            indexed = [i for p in pending for i in p.indexed]
-            records = [p.record for p in pending]
-            async with ctx.pool.acquire() as conn:
-                if ctx.ensure_partitions is not None and days:
-                    await ctx.ensure_partitions(conn, days)
-                return await commit_batch(
-                    conn,
-                    consumer_group=ctx.consumer_group,
-                    topic=ctx.topic,
-                    ranges=batch.ranges,
-                    indexed=indexed,
-                    objects=records,
-                    extensions=ctx.extensions,
-                )
+        if not rollback:
+            return await commit()
+        # A probe: the same writes inside an outer transaction that is always rolled back.
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
+            return await commit()
+        finally:
+            await transaction.rollback()
 
-        outcome = await _retrying(ctx, "postgres", "postgres", commit)
-        failpoints.hit("after_postgres_commit")
-        stages["postgres"] = time.perf_counter() - t0
-    except BaseException:
-        orphans = sum(1 for p in pending if p.uploaded)
-        if orphans:
-            ctx.metrics.orphaned_uploads.inc(orphans)
-        raise
 
-    for letter in letters:
-        ctx.metrics.events_dead_lettered.labels(letter.reason).inc()
-    return FlushReport(
-        messages=len(batch.messages),
-        invalid=len(letters),
-        in_batch_duplicates=in_batch_duplicates,
-        outcome=outcome,
-        objects=len(pending),
-        object_bytes=sum(len(p.body) for p in pending),
-        stage_seconds=stages,
+async def _isolate(
+    ctx: FlushContext, batch: Batch, pending: list[PendingObject], error: PermanentError
+) -> set[str]:
+    """The event ids whose rows alone make the transaction fail with `error`'s kind of data error.
+
+    Raises `error` when no single message explains it (the empty batch fails too, or every event
+    fails): a schema or code problem, which dead-lettering everything would only hide."""
+    indexed = [i for p in pending for i in p.indexed]
+
+    async def fails(subset: Sequence[IndexedEvent]) -> bool:
+        async def probe() -> bool:
+            try:
+                await _transaction(ctx, batch, pending, check_horizon=False, only=subset, rollback=True)
+            except Exception as exc:
+                if classify(exc) is ErrorKind.DATA:
+                    return True
+                raise
+            return False
+
+        return await ctx.retry.call(
+            "postgres_isolate", "postgres", probe, passthrough=(Fenced, HorizonMoved, _UploadsStale)
+        )
+
+    if await fails([]):
+        raise error
+    culprits = await find_culprits(indexed, fails)
+    if not culprits or (len(culprits) == len(indexed) and len(indexed) > 1):
+        raise error
+    log.error(
+        "events refused by PostgreSQL isolated",
+        extra={"event_ids": [c.event.event_id for c in culprits][:20], "error": str(error.cause)[:300]},
     )
+    return {c.event.event_id for c in culprits}
 
 
-async def _upload_all(ctx: FlushContext, pending: list[PendingObject]) -> None:
-    async def one(p: PendingObject) -> None:
-        await ctx.objects.put(p.key, p.body)
-        p.uploaded_at = time.monotonic()
-        failpoints.hit("during_upload")
+def _expire(
+    ctx: FlushContext, pending: list[PendingObject], decoded: Decoded, horizon: date
+) -> list[DeadLetter]:
+    """Dead letters for the events the retention horizon has passed, taken out of the batch."""
+    expired = _remove(ctx, pending, {e.event_id for e in _events(pending) if e.started_at.date() < horizon})
+    return [_expired(decoded.source[e.event_id], e, horizon) for e in expired]
 
-    # A TaskGroup cancels the sibling uploads when one fails, so a retry never races a stale upload.
-    async with asyncio.TaskGroup() as group:
-        for p in pending:
-            if not p.uploaded:
-                group.create_task(one(p))
+
+def _events(pending: list[PendingObject]) -> Iterator[ValidEvent]:
+    return (i.event for p in pending for i in p.indexed)
+
+
+def _remove(ctx: FlushContext, pending: list[PendingObject], event_ids: set[str]) -> list[ValidEvent]:
+    """Take these events out of the objects' pointers; objects left with none are dropped (their
+    uploads become orphans for the janitor). Returns the events removed."""
+    removed: list[ValidEvent] = []
+    for p in list(pending):
+        keep = [i for i in p.indexed if i.event.event_id not in event_ids]
+        if len(keep) == len(p.indexed):
+            continue
+        removed.extend(i.event for i in p.indexed if i.event.event_id in event_ids)
+        p.indexed = keep
+        p.record = replace(p.record, event_count=len(keep))
+        if not keep:
+            pending.remove(p)
+            if p.uploaded:
+                ctx.metrics.orphaned_uploads.inc()
+    return removed

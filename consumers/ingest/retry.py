@@ -39,6 +39,18 @@ log = logging.getLogger("omnilog.retry")
 T = TypeVar("T")
 
 
+# Operations that are steps of a flush also count in omnilog_flush_failures_total{stage}, which
+# dashboards and the OmnilogFlushFailing alert have read since before this policy existed.
+_FLUSH_STAGE_OF = {
+    "load_horizon": "postgres",
+    "dlq": "dlq",
+    "dlq_offload": "dlq",
+    "upload": "upload",
+    "postgres": "postgres",
+    "postgres_isolate": "postgres",
+}
+
+
 class ErrorKind(enum.Enum):
     RETRIABLE = "retriable"
     DATA = "data"
@@ -113,6 +125,11 @@ def classify(exc: BaseException) -> ErrorKind:
     return ErrorKind.FATAL
 
 
+async def _awaiting(fn: Callable[[], Awaitable[T]]) -> T:
+    # tenacity calls a plain callable (a lambda returning a coroutine) without awaiting its result.
+    return await fn()
+
+
 class Stopped(Exception):
     """The worker was told to stop while an operation was still retrying."""
 
@@ -148,10 +165,12 @@ class RetryPolicy:
         fn: Callable[[], Awaitable[T]],
         *,
         stop: asyncio.Event | None = None,
+        passthrough: tuple[type[BaseException], ...] = (),
     ) -> T:
         """`fn()`'s result. Raises `Stopped` when `stop` is set while retrying, `PermanentError`
-        for a DATA or FATAL error, and the `passthrough` exceptions as they are."""
-        passthrough = self.passthrough
+        for a DATA or FATAL error, and the `passthrough` exceptions (the policy's and the call's)
+        as they are: those are outcomes the caller handles, not failures."""
+        passthrough = self.passthrough + passthrough
 
         def retriable(exc: BaseException) -> bool:
             if isinstance(exc, passthrough) or (stop is not None and stop.is_set()):
@@ -170,7 +189,7 @@ class RetryPolicy:
             reraise=True,
         )
         try:
-            result: T = await retrying(fn)
+            result: T = await retrying(_awaiting, fn)
         except BaseException as exc:
             if isinstance(exc, (asyncio.CancelledError, *passthrough)):
                 raise
@@ -186,6 +205,9 @@ class RetryPolicy:
 
     def _failed(self, operation: str, dependency: str, attempt: int, exc: BaseException | None) -> None:
         self.metrics.retry_attempts.labels(operation).inc()
+        stage = _FLUSH_STAGE_OF.get(operation)
+        if stage is not None:
+            self.metrics.flush_failures.labels(stage).inc()
         if operation not in self._since:
             self._since[operation] = self.clock()
             self.metrics.retrying_since.labels(operation).set(self._since[operation])

@@ -22,17 +22,19 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from datetime import date, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
-from tenacity import AsyncRetrying, wait_random_exponential
 
 from consumers.ingest.batch import Batch, BatchBuffer, BatchLimits
-from consumers.ingest.dlq import DeadLetterLimit, DeadLetterLimitExceeded
-from consumers.ingest.flush import FlushContext, FlushReport, flush
+from consumers.ingest.dlq import DeadLetterLimit, DeadLetterLimitExceeded, DeadLetterWriter
+from consumers.ingest.flush import FlushContext, FlushReport, Horizon, flush
 from consumers.ingest.health import HealthServer
+from consumers.ingest.offsets import OffsetGuard
+from consumers.ingest.retry import PermanentError, RetryPolicy, Stopped
 from pipeline import failpoints
 from pipeline.event import ValidationPolicy
 from pipeline.metrics import WorkerMetrics
@@ -44,6 +46,7 @@ from sinks.objects import ObjectWriter, s3_client
 log = logging.getLogger("omnilog.worker")
 _CLIENT_STOP_TIMEOUT_S = 5.0
 
+T = TypeVar("T")
 EnsurePartitions = Callable[[Connection, set[date]], Awaitable[None]]
 # A job running beside the poll loop (the aggregates merger): started once the worker is up,
 # cancelled at shutdown after the last flush.
@@ -69,6 +72,7 @@ class IngestWorker:
         extensions: Sequence[BatchExtension] = (),
         ensure_partitions: EnsurePartitions | None = None,
         background: Sequence[BackgroundJob] = (),
+        horizon: Horizon | None = None,
     ) -> None:
         self.settings = settings
         self.topic = settings.topic
@@ -83,6 +87,7 @@ class IngestWorker:
         self._extensions = extensions
         self._ensure_partitions = ensure_partitions
         self._background = background
+        self._horizon = horizon
         self._buffer = BatchBuffer(
             BatchLimits(settings.batch_max_events, settings.batch_max_bytes, settings.batch_max_age_s)
         )
@@ -94,12 +99,17 @@ class IngestWorker:
         self._assigned_once = False
         self._dependencies: dict[str, bool] = {}
         self._dlq_tripped: str | None = None
+        self._fatal: str | None = None
         self._started = False
         self._consumer: AIOKafkaConsumer | None = None
         self._pool: asyncpg.Pool | None = None
         self._ctx: FlushContext | None = None
         self.health: HealthServer | None = None
         self.exit_code = 0
+        self._retry = RetryPolicy(self.metrics, settings.retry_max_s, on_dependency=self._set_dependency)
+        self._offset_guard = OffsetGuard(
+            settings.offset_out_of_range, settings.topic, settings.consumer_group, self.metrics, self._retry
+        )
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -129,6 +139,8 @@ class IngestWorker:
             gc.freeze()  # long-lived objects (clients, pools) leave the collector's scans
             assert self._pool is not None
             jobs = [asyncio.create_task(job(self._pool, self.metrics)) for job in self._background]
+            for task in jobs:
+                task.add_done_callback(self._background_ended)
             try:
                 await self._poll_loop()
             finally:
@@ -140,18 +152,25 @@ class IngestWorker:
         return self.exit_code
 
     async def _start(self, stack: AsyncExitStack) -> bool:
-        s = self.settings
-        self._pool = await self._until_stopped(
-            "postgres",
-            lambda: asyncpg.create_pool(
-                s.database_url.get_secret_value(),
-                min_size=1,
-                max_size=4,
-                command_timeout=60,
-            ),
-        )
-        if self._pool is None:
+        """Connect to every dependency, retrying while they are unavailable. False when told to
+        stop meanwhile, or when one fails permanently (wrong password, missing database...)."""
+        try:
+            return await self._connect(stack)
+        except Stopped:
             return False
+        except PermanentError as exc:
+            self._stop_fatally(exc)
+            return False
+
+    async def _connect(self, stack: AsyncExitStack) -> bool:
+        s = self.settings
+
+        async def create_pool() -> asyncpg.Pool:
+            return await asyncpg.create_pool(
+                s.database_url.get_secret_value(), min_size=1, max_size=4, command_timeout=60
+            )
+
+        self._pool = await self._until_stopped("connect_postgres", "postgres", create_pool)
         stack.push_async_callback(self._close_pool, self._pool)
 
         s3 = await stack.enter_async_context(s3_client(s))
@@ -163,18 +182,22 @@ class IngestWorker:
             # Dead letters are at-least-once by contract; idempotence would need InitProducerId,
             # which the local broker lacks.
             enable_idempotence=False,
+            compression_type=None if s.dlq_compression == "none" else s.dlq_compression,
+            # Letters are cut to OMNILOG_DLQ_MAX_RECORD_BYTES; the request limit must let them through.
+            max_request_size=s.dlq_max_record_bytes + 64 * 1024,
         )
-        if await self._until_stopped("kafka", producer.start) is None and self._stop.is_set():
-            return False
+        await self._until_stopped("connect_kafka_producer", "kafka", producer.start)
         stack.push_async_callback(self._bounded_stop, "producer", producer.stop)
 
+        objects = ObjectWriter(s3, s.s3_bucket, s.multipart_threshold_bytes)
         self._ctx = FlushContext(
             topic=s.topic,
-            dlq_topic=s.dlq_topic,
             consumer_group=s.consumer_group,
             pool=self._pool,
-            objects=ObjectWriter(s3, s.s3_bucket, s.multipart_threshold_bytes),
-            producer=producer,
+            objects=objects,
+            dead_letters=DeadLetterWriter(
+                producer, s.dlq_topic, s.topic, objects, s.dlq_max_record_bytes, s.dlq_object_prefix
+            ),
             metrics=self.metrics,
             policy=ValidationPolicy(
                 max_age=timedelta(days=s.max_event_age_days),
@@ -182,26 +205,27 @@ class IngestWorker:
             ),
             member_bytes=s.gzip_member_bytes,
             gzip_level=s.gzip_level,
-            retry_max_s=s.retry_max_s,
+            retry=self._retry,
             dlq_limit=DeadLetterLimit(s.dlq_max_ratio, s.dlq_min_window),
             extensions=self._extensions,
             ensure_partitions=self._ensure_partitions,
-            on_dependency=self._set_dependency,
+            horizon=self._horizon,
         )
 
         consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap_servers,
             group_id=s.consumer_group,
             enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            # Never jump silently: a position outside the log raises from getmany and is handled
+            # by OMNILOG_OFFSET_OUT_OF_RANGE (_fetch, consumers/ingest/offsets.py).
+            auto_offset_reset="none",
             session_timeout_ms=s.kafka_session_timeout_ms,
             heartbeat_interval_ms=max(500, s.kafka_session_timeout_ms // 5),
             max_partition_fetch_bytes=2 * 1024 * 1024,
             fetch_max_bytes=min(32 * 1024 * 1024, s.max_inflight_bytes),
         )
         consumer.subscribe([s.topic], listener=_Listener(self))
-        if await self._until_stopped("kafka", consumer.start) is None and self._stop.is_set():
-            return False
+        await self._until_stopped("connect_kafka_consumer", "kafka", consumer.start)
         self._consumer = consumer
         stack.push_async_callback(self._bounded_stop, "consumer", consumer.stop)
         return True
@@ -222,32 +246,18 @@ class IngestWorker:
             log.warning("postgres pool did not close in time; terminating its connections")
             pool.terminate()
 
-    async def _until_stopped(self, dependency: str, call: Callable[[], Awaitable[Any]]) -> Any:
-        """Retry a start-up call with backoff until it works or the worker is told to stop."""
-        async for attempt in AsyncRetrying(
-            wait=wait_random_exponential(multiplier=0.5, max=self.settings.retry_max_s)
-        ):
-            with attempt:
-                if self._stop.is_set():
-                    return None
-                try:
-                    result = await call()
-                except Exception as exc:
-                    self._set_dependency(dependency, False)
-                    log.warning(
-                        "dependency not reachable at start-up, retrying",
-                        extra={"dependency": dependency, "error": f"{type(exc).__name__}: {exc}"},
-                    )
-                    raise
-                self._set_dependency(dependency, True)
-                return result
-        return None
+    async def _until_stopped(self, operation: str, dependency: str, call: Callable[[], Awaitable[T]]) -> T:
+        """A start-up call, retried while its dependency is unavailable; Stopped if told to stop."""
+        if self._stop.is_set():
+            raise Stopped(operation)
+        return await self._retry.call(operation, dependency, call, stop=self._stop)
 
     async def _shutdown(self) -> None:
         """Finish (or abandon) the in-flight flush and then the open batch within the grace period."""
         deadline = time.monotonic() + self.settings.shutdown_grace_s
         await self._finish_flush(deadline - time.monotonic())
-        if len(self._buffer) and self._dlq_tripped is None and self._consumer is not None:
+        stopped_by_error = self._dlq_tripped is not None or self._fatal is not None
+        if len(self._buffer) and not stopped_by_error and self._consumer is not None:
             remaining = deadline - time.monotonic()
             if remaining > 0:
                 self._start_flush(self._buffer.take())
@@ -288,7 +298,7 @@ class IngestWorker:
                 await asyncio.wait({flushing}, timeout=0.1)
                 records = {}
             else:
-                records = await consumer.getmany(timeout_ms=100, max_records=self.settings.batch_max_events)
+                records = await self._fetch(consumer)
             for tp, batch in records.items():
                 self.metrics.events_consumed.inc(self._buffer.add(tp.partition, batch))
             if self._flush_task is not None and self._flush_task.done():
@@ -296,6 +306,37 @@ class IngestWorker:
             if self._flush_task is None and self._dlq_tripped is None and self._buffer.due():
                 self._start_flush(self._buffer.take())
             self._update_lag(consumer)
+
+    async def _fetch(self, consumer: AIOKafkaConsumer) -> dict[TopicPartition, list[Any]]:
+        """getmany, except when a fetch position no longer fits its log (OFFSET_OUT_OF_RANGE, or a
+        high watermark below where the worker is): then the in-flight flush is finished (or
+        abandoned at OMNILOG_REBALANCE_DRAIN_S), and every owned partition restarts from its stored
+        offset, fitted to its log by OMNILOG_OFFSET_OUT_OF_RANGE (consumers/ingest/offsets.py)."""
+        try:
+            records: dict[TopicPartition, list[Any]] = await consumer.getmany(
+                timeout_ms=100, max_records=self.settings.batch_max_events
+            )
+        except NoOffsetForPartitionError:
+            # aiokafka fetches newly assigned partitions before on_assigned has sought them; the
+            # seek that follows replaces this position.
+            return {}
+        except OffsetOutOfRangeError as exc:
+            positions = self._buffer.positions  # as sought by now (a seek replaces the dict)
+            refused = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+            ours = [tp.partition for tp in refused if tp.topic == self.topic and tp.partition in positions]
+            if refused and not ours:
+                return {}  # a position aiokafka took before on_assigned sought the partition
+            log.warning("fetch position outside the log", extra={"partitions": ours or sorted(positions)})
+            self._offset_guard.note_refused(ours or positions)
+        else:
+            if not self._offset_guard.past_end_suspected(consumer, self._buffer.positions):
+                return records
+            log.warning("high watermark below the worker's position: checking the log's bounds")
+        if not self._stop.is_set():
+            # Records just fetched are dropped with the buffer: they are re-read from the stored offsets.
+            await self._finish_flush(self.settings.rebalance_drain_s)
+            await self._reset_positions()
+        return {}
 
     def _apply_backpressure(self, consumer: AIOKafkaConsumer) -> None:
         in_flight = self._flush_batch.size_bytes if self._flush_task is not None and self._flush_batch else 0
@@ -339,9 +380,26 @@ class IngestWorker:
             self.metrics.dlq_limit_tripped.set(1)
             log.error("dead-letter limit exceeded", extra={"reason": str(exc)})
         else:
-            log.error("flush failed unexpectedly; re-reading from Postgres", exc_info=exc)
-            await asyncio.sleep(1.0)
-            await self._reset_positions()
+            # A permanent error no single message explains (a bug, a missing table, a bucket that
+            # is gone): retrying would loop forever in silence, so the worker stops loudly instead.
+            self._stop_fatally(exc)
+
+    def _stop_fatally(self, exc: BaseException) -> None:
+        operation = exc.operation if isinstance(exc, PermanentError) else "flush"
+        self._fatal = f"stopped by a permanent error in {operation}: {type(exc).__name__}: {exc}"
+        self.metrics.fatal_errors.labels(operation).inc()
+        self.metrics.ready.set(0)
+        self.exit_code = 1
+        log.error("permanent error: stopping the worker", exc_info=exc, extra={"operation": operation})
+        self.request_stop()
+
+    def _background_ended(self, task: asyncio.Task[None]) -> None:
+        """A background job (the merger) ends only when cancelled at shutdown, or on a permanent
+        error: then the worker stops too, rather than ingest on with stale aggregates unnoticed."""
+        if task.cancelled() or self._stop.is_set():
+            return
+        exc = task.exception()
+        self._stop_fatally(exc if exc is not None else RuntimeError("background job returned"))
 
     async def _after_commit(self, batch: Batch, report: FlushReport) -> None:
         m = self.metrics
@@ -350,8 +408,12 @@ class IngestWorker:
             self._committed[r.partition] = r.end
         m.events_indexed.inc(len(outcome.new_events))
         m.events_duplicate.inc(outcome.duplicates + report.in_batch_duplicates)
-        m.objects_written.inc(report.objects)
-        m.object_bytes_written.inc(report.object_bytes)
+        m.objects_written.inc(len(report.objects))
+        m.object_bytes_written.inc(sum(report.objects))
+        for size in report.objects:
+            m.object_size_bytes.observe(size)
+        for letter in report.letters:
+            m.events_dead_lettered.labels(letter.reason).inc()
         m.batch_events.observe(report.messages)
         m.last_commit_timestamp.set(outcome.committed_at.timestamp())
         for stage, seconds in report.stage_seconds.items():
@@ -383,8 +445,8 @@ class IngestWorker:
                 "indexed": len(outcome.new_events),
                 "duplicates": outcome.duplicates + report.in_batch_duplicates,
                 "invalid": report.invalid,
-                "objects": report.objects,
-                "object_bytes": report.object_bytes,
+                "objects": len(report.objects),
+                "object_bytes": sum(report.objects),
                 "stage_ms": {k: round(v * 1000, 1) for k, v in report.stage_seconds.items()},
             },
         )
@@ -412,7 +474,11 @@ class IngestWorker:
         )
 
     async def on_assigned(self, partitions: list[int]) -> None:
-        positions = await self._load_positions(partitions, create=True)
+        try:
+            positions = await self._load_positions(partitions, create=True)
+        except PermanentError as exc:
+            self._stop_fatally(exc)
+            return
         self._seek(positions)
         self._assigned_once = True
         log.info("partitions assigned", extra={"positions": positions})
@@ -422,7 +488,11 @@ class IngestWorker:
         if consumer is None:
             return
         owned = [tp.partition for tp in consumer.assignment() if tp.topic == self.topic]
-        positions = await self._load_positions(owned, create=False)
+        try:
+            positions = await self._load_positions(owned, create=False)
+        except PermanentError as exc:
+            self._stop_fatally(exc)
+            return
         self._seek(positions)
 
     def _seek(self, positions: dict[int, int]) -> None:
@@ -432,6 +502,7 @@ class IngestWorker:
         if self._consumer is not None:
             for p, offset in positions.items():
                 self._consumer.seek(TopicPartition(self.topic, p), offset)
+            self._offset_guard.note_seek(positions)
 
     async def _load_positions(self, partitions: list[int], create: bool) -> dict[int, int]:
         """Stored offsets from Postgres; partitions never seen start at Kafka's committed offset,
@@ -450,22 +521,10 @@ class IngestWorker:
                     stored.update(await init_offsets(conn, self.settings.consumer_group, self.topic, starts))
                 return stored
 
-        async for retry in AsyncRetrying(
-            wait=wait_random_exponential(multiplier=0.2, max=self.settings.retry_max_s)
-        ):
-            with retry:
-                try:
-                    result = await attempt()
-                except Exception as exc:
-                    self._set_dependency("postgres", False)
-                    log.warning(
-                        "loading partition offsets failed, retrying",
-                        extra={"error": f"{type(exc).__name__}: {exc}"},
-                    )
-                    raise
-                self._set_dependency("postgres", True)
-                return result
-        raise AssertionError("unreachable")
+        stored = await self._retry.call("load_offsets", "postgres", attempt)
+        consumer = self._consumer
+        assert consumer is not None
+        return await self._offset_guard.fit(consumer, pool, stored)
 
     async def _fallback_offsets(self, partitions: list[int]) -> dict[int, int]:
         consumer = self._consumer
@@ -487,6 +546,8 @@ class IngestWorker:
         self.metrics.ready.set(1 if self._readiness()[0] else 0)
 
     def _readiness(self) -> tuple[bool, str]:
+        if self._fatal is not None:
+            return False, self._fatal
         if self._dlq_tripped is not None:
             return False, self._dlq_tripped
         down = sorted(name for name, ok in self._dependencies.items() if not ok)

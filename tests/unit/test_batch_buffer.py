@@ -10,6 +10,8 @@ from consumers.ingest.dlq import DeadLetterLimit, DeadLetterLimitExceeded
 class Record:
     offset: int
     value: bytes | None
+    key: bytes | None = None
+    timestamp: int = -1
 
 
 class Clock:
