@@ -23,6 +23,9 @@ parts of each batch, one transaction per batch) into NUMERIC[] sums (migration 0
 copies of the parts tables with the former BIGINT[] sums, the two interleaved batch by batch on
 the same batches, so machine noise hits both alike.
 
+``--isolation-cost`` times merge passes over `--batch` dirty log keys, clean and with one key whose
+stored sketch is corrupt (the pass bisects down to it, isolates it and merges the rest).
+
 A scratch database is created next to the given one and dropped at the end.
 """
 
@@ -47,6 +50,7 @@ import asyncpg
 import orjson
 
 from pipeline.event import ValidationPolicy, ValidEvent, validate_event
+from pipeline.sketch import QuantileSketch
 from sinks.aggregate_parts import (
     LOG_PARTS,
     USAGE_PARTS,
@@ -346,6 +350,47 @@ async def compare_sum_types(admin_url: str, batches: int, size: int) -> dict[str
         await admin.close()
 
 
+async def isolation_cost(admin_url: str, keys: int, repeats: int) -> dict[str, Any]:
+    name = f"bench_iso_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(admin_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = admin_url.rsplit("/", 1)[0] + "/" + name
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    sketch = QuantileSketch.from_values([10.0, 20.0], alpha=LOG_PARTS.alpha)
+    parts = {
+        (hour, HOT_ORG, str(uuid.UUID(int=0x5E00 + i // 50)), f"method-{i % 50}"): Acc([2, 0, 7, 9], sketch)
+        for i in range(keys)
+    }
+    seconds: dict[str, list[float]] = {"clean": [], "one_bad_key": []}
+    try:
+        await migrate(url)
+        conn = await asyncpg.connect(url)
+        for _ in range(repeats):
+            for case, timings in seconds.items():
+                await conn.execute("TRUNCATE log_aggregate_parts, log_aggregates, aggregate_isolated_keys")
+                async with conn.transaction():
+                    await merge_into_parts(conn, LOG_PARTS, 0, {k: a.copy() for k, a in parts.items()})
+                if case == "one_bad_key":
+                    await conn.execute(
+                        "UPDATE log_aggregate_parts SET sketch = overlay(sketch placing '\\xff'::bytea "
+                        "from 12) WHERE rpc_method = 'method-7' AND server_id = $1",
+                        str(uuid.UUID(int=0x5E00 + 3)),
+                    )
+                t0 = time.perf_counter()
+                stats = await merge_until_clean(conn)
+                timings.append(time.perf_counter() - t0)
+                assert stats is not None and len(stats.isolated) == (case == "one_bad_key")
+        await conn.close()
+        return {
+            "compare": "merge pass over dirty log keys: clean vs one corrupt key (bisected, isolated)",
+            "keys": keys,
+            **{f"{case}_ms_p50": round(_ms(values, 0.5), 1) for case, values in seconds.items()},
+        }
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--database-url", default=os.environ.get("OMNILOG_DATABASE_URL"))
@@ -357,9 +402,15 @@ async def main() -> None:
     parser.add_argument(
         "--compare-sum-types", action="store_true", help="time part writes with NUMERIC[] vs BIGINT[] sums"
     )
+    parser.add_argument(
+        "--isolation-cost", action="store_true", help="time merge passes with one key to isolate"
+    )
     args = parser.parse_args()
     if not args.database_url:
         parser.error("--database-url or OMNILOG_DATABASE_URL is required")
+    if args.isolation_cost:
+        print(json.dumps(await isolation_cost(args.database_url, args.batch, args.batches)), flush=True)
+        return
     if args.compare_sum_types:
         print(json.dumps(await compare_sum_types(args.database_url, args.batches, args.batch)), flush=True)
         return
