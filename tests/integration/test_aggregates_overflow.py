@@ -8,16 +8,20 @@
   passes skip it; releasing it after the fix merges it.
 - MergerLoop retries a retriable failure through the retry policy (attempts counted) and ends
   with a PermanentError on a fatal one.
+- `omnilog aggregates isolated` lists the isolated keys, `release --org` releases some of them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -384,3 +388,38 @@ async def test_merger_loop_retries_retriable_errors_and_stops_on_fatal_ones(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def _omnilog(url: str, *args: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "omnilog"),
+        "aggregates",
+        *args,
+        env={**os.environ, "OMNILOG_DATABASE_URL": url},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def test_operators_list_and_release_isolated_keys_from_the_command_line(
+    fresh_database_url: str, db: asyncpg.Connection
+) -> None:
+    corrupt = _method_events(BIG_ORG, "corrupt", 3, 1)
+    async with db.transaction():
+        await AggregatePartsWriter().write(db, corrupt + _method_events(OTHER_ORG, "corrupt", 2, 2), 0)
+    await db.execute("UPDATE log_aggregate_parts SET sketch = '\\x01'::bytea")
+    stats = await merger.merge_until_clean(db)
+    assert stats is not None and len(stats.isolated) == 2
+
+    printed = await _omnilog(fresh_database_url, "isolated", "--json")
+    listed = [orjson.loads(line) for line in printed.splitlines()]
+    assert sorted(r["key_values"] for r in listed) == sorted(
+        f"{org} {SERVER} corrupt" for org in (BIG_ORG, OTHER_ORG)
+    )
+    assert all("SketchDecodeError" in r["error"] for r in listed)
+    out = await _omnilog(fresh_database_url, "release", "--org", BIG_ORG)
+    assert out.strip() == "released 1 isolated aggregate keys"
+    assert [r["key_values"][0] for r in await merger.list_isolated(db)] == [OTHER_ORG]

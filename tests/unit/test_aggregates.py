@@ -415,3 +415,21 @@ def test_too_many_failing_keys_is_not_a_few_bad_keys() -> None:
     merge = _merge_failing_on(set(keys), [], ValueError("every key fails: a bug, not data"))
     with pytest.raises(merger.TooManyIsolatedKeys):
         asyncio.run(merger._merge_isolating(_Savepoints(), LOG_PARTS, keys, merge, merger.MergeStats()))  # type: ignore[arg-type]
+
+
+def test_numeric_part_sums_travel_as_text_and_come_back_exact() -> None:
+    from decimal import Decimal
+
+    from sinks.aggregate_parts import exact_int
+    from sinks.aggregates import _plain_rows
+
+    assert "p.sums::text[] AS sums" in read_sql(LOG_PARTS)
+    assert "::text[]" in upsert_sql(LOG_PARTS) and "]::numeric[]" in upsert_sql(LOG_PARTS)
+    assert LOG_PARTS.wire_sums([2**64, 3]) == [str(2**64), "3"]
+    assert exact_int(str(2**70)) == 2**70
+    for bad in ("2.5", "1e3", ""):
+        with pytest.raises(ValueError):
+            exact_int(bad)
+    rows = _plain_rows([{"total_bytes_in": Decimal(2**65), "avg": 1.5, "name": "x"}])  # type: ignore[list-item]
+    assert rows == [{"total_bytes_in": 2**65, "avg": 1.5, "name": "x"}]
+    assert isinstance(rows[0]["total_bytes_in"], int)
