@@ -506,6 +506,12 @@ def attributable_to_keys(exc: BaseException) -> bool:
     return isinstance(exc, ValueError) or classify(exc) is ErrorKind.DATA
 
 
+def _storable(text: str) -> str:
+    """`text` as PostgreSQL TEXT accepts it: an error message may quote hostile bytes (NUL, lone
+    surrogates), and failing to record the isolation would fail the whole pass."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
 async def _try_keys(
     conn: Connection, keys: list[PartKey], merge: KeyMerge, stats: MergeStats
 ) -> Exception | None:
@@ -542,7 +548,7 @@ async def _merge_isolating(
             f"the last: {table.name} {keys[0]}"
         ) from failure
     key = keys[0]
-    error = f"{type(failure).__name__}: {failure}"[:_ERROR_TEXT_MAX]
+    error = _storable(f"{type(failure).__name__}: {failure}")[:_ERROR_TEXT_MAX]
     await conn.execute(_ISOLATE, table.name, key[0], [str(v) for v in key[1:]], error)
     stats.isolated.append(IsolatedKey(table.name, key, error))
 

@@ -410,6 +410,17 @@ def test_errors_not_about_data_fail_the_pass_instead_of_isolating() -> None:
     assert not merger.attributable_to_keys(ConnectionResetError())
 
 
+def test_an_isolation_record_survives_a_hostile_error_message() -> None:
+    keys: list[PartKeyT] = [(HOUR, ORG, str(uuid.UUID(int=i)), "m") for i in range(4)]
+    conn = _Savepoints()
+    merge = _merge_failing_on({keys[1]}, [], ValueError("bad \x00 byte \udc80 and " + "x" * 5000))
+    asyncio.run(merger._merge_isolating(conn, LOG_PARTS, keys, merge, merger.MergeStats()))  # type: ignore[arg-type]
+    (_table, _window, _key, error) = conn.isolated[0]
+    assert "\x00" not in error and len(error) == 2000
+    error.encode("utf-8")  # no lone surrogate left
+    assert error.startswith("ValueError: bad \\x00 byte \\udc80")
+
+
 def test_too_many_failing_keys_is_not_a_few_bad_keys() -> None:
     keys: list[PartKeyT] = [(HOUR, ORG, str(uuid.UUID(int=i)), "m") for i in range(300)]
     merge = _merge_failing_on(set(keys), [], ValueError("every key fails: a bug, not data"))
