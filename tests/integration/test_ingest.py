@@ -132,9 +132,13 @@ async def test_crash_at_every_stage_loses_and_duplicates_nothing(
             continue
     assert crashes >= 5, f"only {crashes} crashes happened; the test proved little"
     # A last clean worker run makes sure nothing is pending, then the books must balance.
-    proc = start_worker(settings, tmp_path / "worker.log")
+    final_log = tmp_path / "final-worker.log"
+    proc = start_worker(settings, final_log)
     try:
         await wait_caught_up(fresh_database_url, settings, traffic.end_offsets, timeout=60)
+        # Caught up already before it started: a SIGTERM before the worker has installed its
+        # handlers would kill it (-15) rather than test its drain, so wait until it is running.
+        await wait_for_log(final_log, "partitions assigned", timeout=60)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
