@@ -16,67 +16,29 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date
 from typing import TYPE_CHECKING, Protocol
 
+import asyncpg
+
+from pipeline.processing.offsets import Fenced, HorizonMoved, PartitionRange
+from pipeline.processing.store import BatchOutcome, IndexedEvent, ObjectRecord
 from sinks.db import Connection
 
 if TYPE_CHECKING:
-    from pipeline.event import ValidEvent
-
-
-class Fenced(Exception):
-    """The stored offset of a partition is not where this batch starts: another owner moved it."""
-
-    def __init__(self, partitions: Sequence[int]) -> None:
-        super().__init__(f"offset compare-and-set failed for partitions {sorted(partitions)}")
-        self.partitions = list(partitions)
-
-
-class HorizonMoved(Exception):
-    """The retention horizon passed some of the batch's event days: those events are expired now
-    (their day partitions may be gone) and must be dead-lettered before the batch is committed."""
-
-    def __init__(self, horizon: date) -> None:
-        super().__init__(f"the retention horizon moved to {horizon.isoformat()}")
-        self.horizon = horizon
-
-
-# Reads the retention horizon inside the batch transaction, holding it there until the commit.
-LockHorizon = Callable[[Connection], Awaitable[date | None]]
+    from pipeline.contract import ValidEvent
 
 
 @dataclass(frozen=True, slots=True)
-class PartitionRange:
-    """Messages [start, end) of one partition: `start` must equal the stored next_offset."""
+class Horizon:
+    """How the store reads the retention horizon (sinks/retention.py): a plain read before the
+    batch, and a share-locked read inside the batch transaction, held until it ends."""
 
-    partition: int
-    start: int
-    end: int
-
-
-@dataclass(frozen=True, slots=True)
-class IndexedEvent:
-    event: ValidEvent
-    object_uri: str
-    byte_offset: int
-    byte_length: int
+    load: Callable[[Connection], Awaitable[date | None]]
+    lock: Callable[[Connection], Awaitable[date | None]]
 
 
-@dataclass(frozen=True, slots=True)
-class ObjectRecord:
-    object_uri: str
-    organization_id: str
-    log_date: date
-    event_count: int
-    byte_size: int
-
-
-@dataclass(frozen=True, slots=True)
-class BatchOutcome:
-    new_events: list[ValidEvent]
-    duplicates: int
-    committed_at: datetime
+EnsurePartitions = Callable[[Connection, set[date]], Awaitable[None]]
 
 
 class BatchExtension(Protocol):
@@ -178,7 +140,7 @@ async def commit_batch(
     indexed: Sequence[IndexedEvent],
     objects: Sequence[ObjectRecord],
     extensions: Sequence[BatchExtension] = (),
-    lock_horizon: LockHorizon | None = None,
+    lock_horizon: Callable[[Connection], Awaitable[date | None]] | None = None,
 ) -> BatchOutcome:
     """Make one batch durable, or raise (Fenced, HorizonMoved, or the database error) with nothing
     written. `lock_horizon` reads the retention horizon and keeps `maintain` from moving it until
@@ -223,6 +185,62 @@ async def commit_batch(
     return BatchOutcome(
         new_events=new_events, duplicates=len(indexed) - len(new_events), committed_at=committed_at
     )
+
+
+@dataclass(frozen=True)
+class PostgresIndexStore:
+    """The batch transaction and offset store on a pool (pipeline.processing.store.IndexStore)."""
+
+    pool: asyncpg.Pool
+    consumer_group: str
+    topic: str
+    extensions: Sequence[BatchExtension] = ()
+    # Creates the batch's day partitions (outside the transaction: DDL takes its own locks); may
+    # raise HorizonMoved for days maintain has expired meanwhile.
+    ensure_partitions: EnsurePartitions | None = None
+    horizon: Horizon | None = None
+
+    async def load_horizon(self) -> date | None:
+        if self.horizon is None:
+            return None
+        async with self.pool.acquire() as conn:
+            return await self.horizon.load(conn)
+
+    async def commit(
+        self,
+        ranges: Sequence[PartitionRange],
+        indexed: Sequence[IndexedEvent],
+        objects: Sequence[ObjectRecord],
+        *,
+        check_horizon: bool = True,
+        rollback: bool = False,
+    ) -> BatchOutcome:
+        async with self.pool.acquire() as conn:
+            days = {i.event.started_at.date() for i in indexed}
+            if self.ensure_partitions is not None and days:
+                await self.ensure_partitions(conn, days)
+
+            def write() -> Awaitable[BatchOutcome]:
+                return commit_batch(
+                    conn,
+                    consumer_group=self.consumer_group,
+                    topic=self.topic,
+                    ranges=ranges,
+                    indexed=indexed,
+                    objects=objects,
+                    extensions=self.extensions,
+                    lock_horizon=self.horizon.lock if self.horizon is not None and check_horizon else None,
+                )
+
+            if not rollback:
+                return await write()
+            # A probe: the same writes inside an outer transaction that is always rolled back.
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                return await write()
+            finally:
+                await transaction.rollback()
 
 
 async def load_offsets(

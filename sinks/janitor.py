@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING
 
+from pipeline.processing.layout import object_uri, parse_object_uri
 from sinks.db import Connection
-from sinks.objects import object_uri, parse_object_uri
 from sinks.retention import RetentionError, load_horizon
 
 if TYPE_CHECKING:

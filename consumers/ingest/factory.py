@@ -8,12 +8,12 @@ from datetime import date
 
 from prometheus_client import CollectorRegistry
 
-from consumers.ingest.flush import Horizon
 from consumers.ingest.worker import IngestWorker
+from pipeline.processing.offsets import HorizonMoved
 from pipeline.settings import Settings
 from sinks.aggregates import build_extensions, build_merger
 from sinks.db import Connection
-from sinks.index import HorizonMoved
+from sinks.index import Horizon
 from sinks.partitions import PartitionCache, PartitionExpired, ensure_day_partitions
 from sinks.retention import load_horizon, lock_horizon
 

@@ -29,18 +29,19 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
-from consumers.ingest.batch import Batch, BatchBuffer, BatchLimits
-from consumers.ingest.dlq import DeadLetterLimit, DeadLetterLimitExceeded, DeadLetterWriter
-from consumers.ingest.flush import FlushContext, FlushReport, Horizon, flush
 from consumers.ingest.health import HealthServer
-from consumers.ingest.offsets import OffsetGuard
-from consumers.ingest.retry import PermanentError, RetryPolicy, Stopped
-from pipeline import failpoints
-from pipeline.event import ValidationPolicy
+from consumers.ingest.offset_guard import OffsetGuard
+from pipeline.contract import ValidationPolicy
 from pipeline.metrics import WorkerMetrics
+from pipeline.processing.batch import Batch, BatchBuffer, BatchLimits
+from pipeline.processing.dead_letters import DeadLetterLimit, DeadLetterLimitExceeded
+from pipeline.processing.flush import FlushContext, FlushReport, flush
+from pipeline.processing.offsets import Fenced
+from pipeline.processing.retry import PermanentError, RetryPolicy, Stopped
 from pipeline.settings import Settings
 from sinks.db import Connection
-from sinks.index import BatchExtension, Fenced, init_offsets, load_offsets
+from sinks.dead_letters import DeadLetterWriter
+from sinks.index import BatchExtension, Horizon, PostgresIndexStore, init_offsets, load_offsets
 from sinks.objects import ObjectWriter, s3_client
 
 log = logging.getLogger("omnilog.worker")
@@ -192,8 +193,14 @@ class IngestWorker:
         objects = ObjectWriter(s3, s.s3_bucket, s.multipart_threshold_bytes)
         self._ctx = FlushContext(
             topic=s.topic,
-            consumer_group=s.consumer_group,
-            pool=self._pool,
+            index=PostgresIndexStore(
+                self._pool,
+                s.consumer_group,
+                s.topic,
+                extensions=self._extensions,
+                ensure_partitions=self._ensure_partitions,
+                horizon=self._horizon,
+            ),
             objects=objects,
             dead_letters=DeadLetterWriter(
                 producer, s.dlq_topic, s.topic, objects, s.dlq_max_record_bytes, s.dlq_object_prefix
@@ -207,9 +214,7 @@ class IngestWorker:
             gzip_level=s.gzip_level,
             retry=self._retry,
             dlq_limit=DeadLetterLimit(s.dlq_max_ratio, s.dlq_min_window),
-            extensions=self._extensions,
-            ensure_partitions=self._ensure_partitions,
-            horizon=self._horizon,
+            commit_kafka=self._commit_kafka,
         )
 
         consumer = AIOKafkaConsumer(
@@ -423,20 +428,6 @@ class IngestWorker:
         for event in outcome.new_events:
             freshness.observe((committed - event.started_at).total_seconds())
 
-        consumer = self._consumer
-        t0 = time.perf_counter()
-        if consumer is not None:
-            owned = consumer.assignment()
-            offsets = {
-                tp: r.end for r in batch.ranges if (tp := TopicPartition(self.topic, r.partition)) in owned
-            }
-            if offsets:
-                try:
-                    await consumer.commit(offsets)
-                except Exception as exc:  # noqa: BLE001 - Postgres is the source of truth; lag tools lag
-                    log.warning("kafka offset commit failed", extra={"error": f"{type(exc).__name__}: {exc}"})
-        m.flush_stage_duration.labels("kafka_commit").observe(time.perf_counter() - t0)
-        failpoints.hit("after_kafka_commit")
         log.info(
             "batch committed",
             extra={
@@ -450,6 +441,22 @@ class IngestWorker:
                 "stage_ms": {k: round(v * 1000, 1) for k, v in report.stage_seconds.items()},
             },
         )
+
+    async def _commit_kafka(self, batch: Batch) -> None:
+        """The flush's last step: Kafka's committed offsets follow PostgreSQL's, for lag tools.
+        Advisory: a failure is logged, never raised (PostgreSQL is the source of truth)."""
+        consumer = self._consumer
+        if consumer is None:
+            return
+        owned = consumer.assignment()
+        offsets = {
+            tp: r.end for r in batch.ranges if (tp := TopicPartition(self.topic, r.partition)) in owned
+        }
+        if offsets:
+            try:
+                await consumer.commit(offsets)
+            except Exception as exc:  # noqa: BLE001 - Postgres is the source of truth; lag tools lag
+                log.warning("kafka offset commit failed", extra={"error": f"{type(exc).__name__}: {exc}"})
 
     def _update_lag(self, consumer: AIOKafkaConsumer) -> None:
         for tp in consumer.assignment():

@@ -25,8 +25,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from isal import igzip
 
+from pipeline.processing.layout import parse_object_uri
 from pipeline.settings import Settings
-from sinks.objects import parse_object_uri, s3_client
+from sinks.objects import s3_client
 
 ORGS = [str(uuid.UUID(int=0x1000 + i)) for i in range(3)]
 SERVERS = [None] + [str(uuid.UUID(int=0x2000 + i)) for i in range(3)]

@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from consumers.ingest.factory import build_worker
-from consumers.ingest.flush import Horizon
+from sinks.index import Horizon
 from sinks.migrate import migrate
 from sinks.partitions import drop_expired
 from sinks.retention import lock_horizon

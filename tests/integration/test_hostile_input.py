@@ -25,9 +25,10 @@ from isal import igzip
 from prometheus_client import CollectorRegistry
 
 from consumers.ingest.factory import build_worker
+from pipeline.processing.layout import parse_object_uri
 from pipeline.settings import Settings
 from sinks.migrate import migrate
-from sinks.objects import parse_object_uri, s3_client
+from sinks.objects import s3_client
 from tests.integration.ingest_support import create_topic, make_event, wait_caught_up
 
 pytestmark = pytest.mark.integration

@@ -11,9 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
+from pipeline.processing.layout import encode_lines, object_key, object_uri
 from sinks.janitor import sweep_orphans
 from sinks.migrate import migrate
-from sinks.objects import ObjectWriter, encode_lines, object_key, object_uri, s3_client
+from sinks.objects import ObjectWriter, s3_client
 from sinks.partitions import ensure_day_partitions
 
 pytestmark = pytest.mark.integration

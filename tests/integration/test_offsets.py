@@ -28,10 +28,10 @@ from aiokafka.errors import OffsetOutOfRangeError
 from prometheus_client import CollectorRegistry
 
 from consumers.ingest.factory import build_worker
-from consumers.ingest.offsets import OffsetGuard
-from consumers.ingest.retry import RetryPolicy
+from consumers.ingest.offset_guard import OffsetGuard
 from consumers.ingest.worker import IngestWorker
 from pipeline.metrics import WorkerMetrics
+from pipeline.processing.retry import RetryPolicy
 from pipeline.settings import Settings
 from sinks.migrate import migrate
 from sinks.offsets import move_offset

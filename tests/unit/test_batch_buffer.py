@@ -2,8 +2,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from consumers.ingest.batch import BatchBuffer, BatchLimits
-from consumers.ingest.dlq import DeadLetterLimit, DeadLetterLimitExceeded
+from pipeline.processing.batch import BatchBuffer, BatchLimits
+from pipeline.processing.dead_letters import DeadLetterLimit, DeadLetterLimitExceeded
 
 
 @dataclass

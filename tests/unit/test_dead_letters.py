@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from consumers.ingest.batch import Message
-from consumers.ingest.dlq import DETAIL_MAX_BYTES, KEY_MAX_BYTES, DeadLetter, DeadLetterWriter
+from pipeline.processing.batch import Message
+from pipeline.processing.dead_letters import DeadLetter
+from sinks.dead_letters import DETAIL_MAX_BYTES, KEY_MAX_BYTES, DeadLetterWriter
 
 
 class _Objects:
@@ -46,8 +47,7 @@ def _letter(value: bytes | None, key: bytes | None = None, detail: str = "why", 
 
 async def test_a_tombstone_becomes_an_empty_value_with_a_header() -> None:
     writer, _, producer = _writer()
-    outgoing = writer.prepare([_letter(None), _letter(None, key=b"k")])
-    await writer.send(outgoing)
+    await writer.prepare([_letter(None), _letter(None, key=b"k")]).send()
     assert [(r["key"], r["value"]) for r in producer.sent] == [(None, b""), (b"k", b"")]
     for record in producer.sent:
         headers = dict(record["headers"])
@@ -58,9 +58,10 @@ async def test_a_tombstone_becomes_an_empty_value_with_a_header() -> None:
 async def test_an_oversized_value_is_cut_and_stored_whole() -> None:
     writer, objects, producer = _writer(limit=64 * 1024)
     value = bytes(range(256)) * 1024  # 256 KiB
-    outgoing = writer.prepare([_letter(value)])
-    assert await writer.offload(outgoing) == 1
-    await writer.send(outgoing)
+    prepared = writer.prepare([_letter(value)])
+    assert prepared.offloads == 1
+    await prepared.offload()
+    await prepared.send()
     (record,) = producer.sent
     headers = dict(record["headers"])
     size = len(record["value"]) + sum(len(k) + len(v) for k, v in record["headers"])
@@ -74,15 +75,18 @@ async def test_an_oversized_value_is_cut_and_stored_whole() -> None:
 
 async def test_a_value_that_fits_is_sent_as_it_is() -> None:
     writer, objects, _ = _writer()
-    (outgoing,) = writer.prepare([_letter(b"x" * 1000)])
+    prepared = writer.prepare([_letter(b"x" * 1000)])
+    (outgoing,) = prepared.records
     assert outgoing.value == b"x" * 1000 and outgoing.offload_key is None
-    assert await writer.offload([outgoing]) == 0 and objects.stored == {}
+    assert prepared.offloads == 0
+    await prepared.offload()
+    assert objects.stored == {}
 
 
 def test_long_keys_and_details_are_cut_safely() -> None:
     writer, _, _ = _writer()
     key = b"k" * 10_000
-    (outgoing,) = writer.prepare([_letter(b"{", key=key, detail="é" * 5000, exception="KeyError")])
+    (outgoing,) = writer.prepare([_letter(b"{", key=key, detail="é" * 5000, exception="KeyError")]).records
     headers = dict(outgoing.headers)
     assert outgoing.key == key[:KEY_MAX_BYTES]
     assert headers["omnilog.key.size"] == b"10000"

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consumers.ingest.batch import Message
-from consumers.ingest.flush import decode
-from pipeline.event import InvalidEvent, ValidationPolicy, ValidEvent, validate_event
+from pipeline.contract import InvalidEvent, ValidationPolicy, ValidEvent, validate_event
+from pipeline.processing.batch import Message
+from pipeline.processing.flush import decode
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 NOW_MS = int(NOW.timestamp() * 1000)
@@ -133,7 +133,7 @@ def test_hostile_values_have_their_reason(raw: bytes | None, reason: str) -> Non
 
 
 def test_an_unexpected_exception_is_one_dead_letter_naming_its_class(monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.event as event_module
+    import pipeline.contract.validate as event_module
 
     def broken(*args: object) -> object:
         raise KeyError("boom")

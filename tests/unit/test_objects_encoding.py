@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from isal import igzip
 
-from sinks.objects import encode_lines, object_key, parse_object_uri
+from pipeline.processing.layout import encode_lines, object_key, parse_object_uri
 
 
 def _lines(n: int, seed: int = 1) -> list[bytes]:

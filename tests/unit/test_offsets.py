@@ -11,7 +11,7 @@ import pytest
 from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
-from consumers.ingest.offsets import (
+from consumers.ingest.offset_guard import (
     Action,
     Decision,
     OffsetGuard,
@@ -20,8 +20,8 @@ from consumers.ingest.offsets import (
     Policy,
     reconcile,
 )
-from consumers.ingest.retry import PermanentError, RetryPolicy
 from pipeline.metrics import WorkerMetrics
+from pipeline.processing.retry import PermanentError, RetryPolicy
 from pipeline.settings import ConfigError, load_settings
 
 TOPIC = "t"

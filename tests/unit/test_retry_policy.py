@@ -12,9 +12,9 @@ from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, MessageSize
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 from prometheus_client import CollectorRegistry
 
-from consumers.ingest.isolate import find_culprits
-from consumers.ingest.retry import ErrorKind, PermanentError, RetryPolicy, Stopped, classify
 from pipeline.metrics import WorkerMetrics
+from pipeline.processing.isolate import find_culprits
+from pipeline.processing.retry import ErrorKind, PermanentError, RetryPolicy, Stopped, classify
 
 
 def _pg(sqlstate: str) -> asyncpg.PostgresError:

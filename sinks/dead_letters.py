@@ -1,6 +1,5 @@
-"""Dead letters: invalid messages go to the dead-letter topic with their reason and source
-coordinates in headers (docs/contract.md, "Dead letters"), and a limit that stops a bad deploy from
-being drained into the dead-letter topic.
+"""The dead-letter sink: invalid messages go to the dead-letter topic with their reason and source
+coordinates in headers (docs/contract.md §2).
 
 A dead letter can always be produced, whatever the message was:
 - a tombstone (no value) is sent with an empty value and `omnilog.value.null: 1`, keeping its key;
@@ -15,57 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from consumers.ingest.batch import Message
-from sinks.objects import ObjectWriter, object_uri
+from pipeline.processing.dead_letters import DeadLetter
+from pipeline.processing.layout import object_uri
+from sinks.objects import ObjectWriter
 
 # Room kept for the record's framing and the headers we add (their values are bounded below).
 _RECORD_OVERHEAD: Final = 4096
 DETAIL_MAX_BYTES: Final = 1024
 KEY_MAX_BYTES: Final = 1024
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    message: Message
-    reason: str
-    detail: str
-    exception: str | None = None  # the exception class, for reason `internal_error`
-
-
-class DeadLetterLimitExceeded(Exception):
-    """Too many invalid messages: consumption stops so the bad input is not silently drained."""
-
-
-class DeadLetterLimit:
-    """Trips when, over the last `window` messages (once that many were seen), the share of
-    invalid ones exceeds `max_ratio`."""
-
-    def __init__(self, max_ratio: float, window: int) -> None:
-        self._max_ratio = max_ratio
-        self._window = window
-        self._recent: deque[tuple[int, int]] = deque()  # (messages, invalid) per batch
-        self._messages = 0
-        self._invalid = 0
-
-    def check(self, messages: int, invalid: int) -> None:
-        """Record one batch; raise DeadLetterLimitExceeded if the limit is crossed."""
-        self._recent.append((messages, invalid))
-        self._messages += messages
-        self._invalid += invalid
-        while self._recent and self._messages - self._recent[0][0] >= self._window:
-            old_messages, old_invalid = self._recent.popleft()
-            self._messages -= old_messages
-            self._invalid -= old_invalid
-        if self._messages >= self._window and self._invalid > self._max_ratio * self._messages:
-            raise DeadLetterLimitExceeded(
-                f"{self._invalid} of the last {self._messages} messages were invalid "
-                f"(limit {self._max_ratio:.0%}, OMNILOG_DLQ_MAX_RATIO); consumption stopped"
-            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,8 +50,8 @@ class DeadLetterWriter:
     max_record_bytes: int
     object_prefix: str = "dead-letters/"
 
-    def prepare(self, letters: Sequence[DeadLetter]) -> list[OutgoingLetter]:
-        return [self._outgoing(letter) for letter in letters]
+    def prepare(self, letters: Sequence[DeadLetter]) -> PreparedDeadLetters:
+        return PreparedDeadLetters(self, [self._outgoing(letter) for letter in letters])
 
     def _outgoing(self, letter: DeadLetter) -> OutgoingLetter:
         m = letter.message
@@ -127,23 +87,37 @@ class DeadLetterWriter:
         room -= 512  # the three headers above (bucket names and topics are short)
         return OutgoingLetter(key, m.value[: max(room, 0)], headers, object_key, m.value)
 
-    async def offload(self, outgoing: Sequence[OutgoingLetter]) -> int:
-        """Store the whole values of cut letters (idempotent: same name, same bytes). Returns how many."""
-        cut = [o for o in outgoing if o.offload_key is not None]
+    async def offload(self, outgoing: Sequence[OutgoingLetter]) -> None:
         async with asyncio.TaskGroup() as group:
-            for o in cut:
-                assert o.offload_key is not None
-                group.create_task(self.objects.put_blob(o.offload_key, o.offload_body))
-        return len(cut)
+            for o in outgoing:
+                if o.offload_key is not None:
+                    group.create_task(self.objects.put_blob(o.offload_key, o.offload_body))
 
     async def send(self, outgoing: Sequence[OutgoingLetter]) -> None:
-        """Produce every letter and wait until the broker has them all (at-least-once)."""
         futures = [
             await self.producer.send(self.dlq_topic, key=o.key, value=o.value, headers=o.headers)
             for o in outgoing
         ]
         if futures:
             await asyncio.gather(*futures)
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedDeadLetters:
+    """`DeadLetterWriter.prepare`'s result (pipeline.processing.store.PreparedLetters)."""
+
+    writer: DeadLetterWriter
+    records: list[OutgoingLetter]
+
+    @property
+    def offloads(self) -> int:
+        return sum(1 for o in self.records if o.offload_key is not None)
+
+    async def offload(self) -> None:
+        await self.writer.offload(self.records)
+
+    async def send(self) -> None:
+        await self.writer.send(self.records)
 
 
 def _cut_utf8(text: str, limit: int) -> bytes:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sinks.index import PartitionRange
+from pipeline.processing.offsets import PartitionRange
 
 
 @dataclass(slots=True)

@@ -33,8 +33,8 @@ from typing import Any, Literal, Protocol
 import asyncpg
 from aiokafka import TopicPartition
 
-from consumers.ingest.retry import ErrorKind, PermanentError, RetryPolicy
 from pipeline.metrics import WorkerMetrics
+from pipeline.processing.retry import ErrorKind, PermanentError, RetryPolicy
 from sinks.index import load_offsets
 from sinks.offsets import move_offset
 

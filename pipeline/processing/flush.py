@@ -1,7 +1,10 @@
 """One flush: a batch of consumed messages becomes objects in S3 and rows in Postgres.
 
-Steps, each a small function below:
-  horizon -> decode -> dead letters -> encode -> upload -> transaction (-> Kafka commit, by the worker)
+Steps, each a small function below, each with a typed result:
+  horizon -> decode (Decoded) -> dead letters -> encode (PendingObject) -> upload
+  -> transaction (BatchOutcome) -> Kafka commit (FlushReport)
+Why this order makes every offset land in exactly one place: pipeline/processing/offsets.py.
+Storage is reached only through the interfaces of pipeline/processing/store.py.
 
 Failure handling, decided by the worker's one retry policy (consumers/ingest/retry.py):
 - a dependency that is unavailable is retried, with backoff, for as long as it lasts: a flush never
@@ -30,27 +33,23 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from typing import Final
 
-import asyncpg
-
-from consumers.ingest.batch import Batch, Message
-from consumers.ingest.dlq import DeadLetter, DeadLetterLimit, DeadLetterWriter
-from consumers.ingest.isolate import find_culprits
-from consumers.ingest.retry import ErrorKind, PermanentError, RetryPolicy, classify
 from pipeline import failpoints
-from pipeline.event import InvalidEvent, ValidationPolicy, ValidEvent, validate_event
+from pipeline.contract import InvalidEvent, ValidationPolicy, ValidEvent, validate_event
 from pipeline.metrics import WorkerMetrics
-from sinks.db import Connection
-from sinks.index import (
-    BatchExtension,
+from pipeline.processing.batch import Batch, Message
+from pipeline.processing.dead_letters import DeadLetter, DeadLetterLimit
+from pipeline.processing.isolate import find_culprits
+from pipeline.processing.layout import encode_lines, object_key, object_uri
+from pipeline.processing.offsets import Fenced, HorizonMoved
+from pipeline.processing.retry import ErrorKind, PermanentError, RetryPolicy, classify
+from pipeline.processing.store import (
     BatchOutcome,
-    Fenced,
-    HorizonMoved,
+    DeadLetterSink,
     IndexedEvent,
-    LockHorizon,
+    IndexStore,
     ObjectRecord,
-    commit_batch,
+    ObjectStore,
 )
-from sinks.objects import ObjectWriter, encode_lines, object_key, object_uri
 
 log = logging.getLogger("omnilog.flush")
 
@@ -63,32 +62,22 @@ GroupKey = tuple[str, date, str | None]
 REUPLOAD_AFTER_S: Final = 3600.0
 
 
-@dataclass(frozen=True, slots=True)
-class Horizon:
-    """The retention horizon: the first UTC day still accepted (None: no horizon yet)."""
-
-    load: Callable[[Connection], Awaitable[date | None]]  # a plain read, before the batch
-    lock: LockHorizon  # the same read inside the batch transaction, held until it ends
-
-
 @dataclass
 class FlushContext:
     """Everything a flush touches; built once per worker."""
 
     topic: str
-    consumer_group: str
-    pool: asyncpg.Pool
-    objects: ObjectWriter
-    dead_letters: DeadLetterWriter
+    index: IndexStore
+    objects: ObjectStore
+    dead_letters: DeadLetterSink
     metrics: WorkerMetrics
     policy: ValidationPolicy
     member_bytes: int
     gzip_level: int
     retry: RetryPolicy
     dlq_limit: DeadLetterLimit
-    extensions: Sequence[BatchExtension] = ()
-    ensure_partitions: Callable[[Connection, set[date]], Awaitable[None]] | None = None
-    horizon: Horizon | None = None
+    # The last step: commit the batch's offsets to Kafka (advisory, for lag tools; never raises).
+    commit_kafka: Callable[[Batch], Awaitable[None]] | None = None
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
 
@@ -181,6 +170,10 @@ async def flush(ctx: FlushContext, batch: Batch) -> FlushReport:
         if orphans:
             ctx.metrics.orphaned_uploads.inc(orphans)
         raise
+    if ctx.commit_kafka is not None:
+        with _timed(stages, "kafka_commit"):
+            await ctx.commit_kafka(batch)
+        failpoints.hit("after_kafka_commit")
     return FlushReport(
         messages=len(batch.messages),
         letters=decoded.letters,
@@ -192,15 +185,7 @@ async def flush(ctx: FlushContext, batch: Batch) -> FlushReport:
 
 
 async def _load_horizon(ctx: FlushContext) -> date | None:
-    horizon = ctx.horizon
-    if horizon is None:
-        return None
-
-    async def read() -> date | None:
-        async with ctx.pool.acquire() as conn:
-            return await horizon.load(conn)
-
-    return await ctx.retry.call("load_horizon", "postgres", read)
+    return await ctx.retry.call("load_horizon", "postgres", ctx.index.load_horizon)
 
 
 # ---- decode ------------------------------------------------------------------------------------
@@ -258,12 +243,11 @@ def _expired(message: Message, event: ValidEvent, horizon: date) -> DeadLetter:
 async def _send_dead_letters(ctx: FlushContext, letters: Sequence[DeadLetter]) -> None:
     if not letters:
         return
-    writer = ctx.dead_letters
-    outgoing = writer.prepare(letters)
-    if any(o.offload_key is not None for o in outgoing):
-        offloaded = await ctx.retry.call("dlq_offload", "s3", lambda: writer.offload(outgoing))
-        ctx.metrics.dead_letters_offloaded.inc(offloaded)
-    await ctx.retry.call("dlq", "kafka", lambda: writer.send(outgoing))
+    prepared = ctx.dead_letters.prepare(letters)
+    if prepared.offloads:
+        await ctx.retry.call("dlq_offload", "s3", prepared.offload)
+        ctx.metrics.dead_letters_offloaded.inc(prepared.offloads)
+    await ctx.retry.call("dlq", "kafka", prepared.send)
 
 
 # ---- encode and upload ---------------------------------------------------------------------------
@@ -332,7 +316,7 @@ async def _commit(
             return await ctx.retry.call(
                 "postgres",
                 "postgres",
-                lambda: _transaction(ctx, batch, pending, check_horizon=True),
+                lambda: _transaction(ctx, batch, pending),
                 passthrough=(Fenced, HorizonMoved, _UploadsStale),
             )
         except _UploadsStale:
@@ -365,40 +349,16 @@ async def _transaction(
     batch: Batch,
     pending: list[PendingObject],
     *,
-    check_horizon: bool,
     only: Sequence[IndexedEvent] | None = None,
     rollback: bool = False,
 ) -> BatchOutcome:
+    """The batch transaction over `pending`'s events (or a probe over `only`, rolled back)."""
     if any(p.stale(time.monotonic()) for p in pending):
         raise _UploadsStale
-    indexed = list(only) if only is not None else [i for p in pending for i in p.indexed]
-    records = [p.record for p in pending] if only is None else []
-    async with ctx.pool.acquire() as conn:
-        days = {i.event.started_at.date() for i in indexed}
-        if ctx.ensure_partitions is not None and days:
-            await ctx.ensure_partitions(conn, days)
-
-        def commit() -> Awaitable[BatchOutcome]:
-            return commit_batch(
-                conn,
-                consumer_group=ctx.consumer_group,
-                topic=ctx.topic,
-                ranges=batch.ranges,
-                indexed=indexed,
-                objects=records,
-                extensions=ctx.extensions,
-                lock_horizon=ctx.horizon.lock if ctx.horizon is not None and check_horizon else None,
-            )
-
-        if not rollback:
-            return await commit()
-        # A probe: the same writes inside an outer transaction that is always rolled back.
-        transaction = conn.transaction()
-        await transaction.start()
-        try:
-            return await commit()
-        finally:
-            await transaction.rollback()
+    if only is not None:
+        return await ctx.index.commit(batch.ranges, only, [], check_horizon=False, rollback=True)
+    indexed = [i for p in pending for i in p.indexed]
+    return await ctx.index.commit(batch.ranges, indexed, [p.record for p in pending], rollback=rollback)
 
 
 async def _isolate(
@@ -413,7 +373,7 @@ async def _isolate(
     async def fails(subset: Sequence[IndexedEvent]) -> bool:
         async def probe() -> bool:
             try:
-                await _transaction(ctx, batch, pending, check_horizon=False, only=subset, rollback=True)
+                await _transaction(ctx, batch, pending, only=subset)
             except Exception as exc:
                 if classify(exc) is ErrorKind.DATA:
                     return True
