@@ -49,7 +49,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from pipeline.event import ValidationPolicy, ValidEvent, validate_event
+from pipeline.contract import ValidationPolicy, ValidEvent, validate_event
 from pipeline.sketch import QuantileSketch
 from sinks.aggregate_parts import (
     LOG_PARTS,

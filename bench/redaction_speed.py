@@ -1,4 +1,4 @@
-"""How long emit-time redaction (`pipeline.redaction`) takes on 1 MiB bodies.
+"""How long emit-time redaction (`pipeline.sdk.redaction`) takes on 1 MiB bodies.
 
     .venv/bin/python bench/redaction_speed.py [--size 1048576] [--repeat 5]
 
@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from pipeline.redaction import MARKER, RedactionConfig
+from pipeline.sdk.redaction import MARKER, RedactionConfig
 
 _PREVIOUS = re.compile(
     "|".join(

@@ -1,4 +1,4 @@
-"""Micro-benchmark of `pipeline.event.validate_event` on realistic ~750-byte gateway events.
+"""Micro-benchmark of `pipeline.contract.validate_event` on realistic ~750-byte gateway events.
 
     .venv/bin/python bench/validate_speed.py [--events 20000] [--repeat 7]
 
@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 
-from pipeline.event import InvalidEvent, ValidationPolicy, validate_event
+from pipeline.contract import InvalidEvent, ValidationPolicy, validate_event
 
 _METHODS = ("tools/call", "tools/list", "resources/read", "prompts/get", "initialize")
 _MODELS = ("gpt-4o-mini", "claude-3-5-sonnet", "llama-3.1-70b")

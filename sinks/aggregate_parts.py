@@ -25,7 +25,7 @@ from typing import Any, Final, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.event import ValidEvent
+from pipeline.contract import ValidEvent
 from pipeline.sketch import DEFAULT_ALPHA, INTEGER_SAFE_ALPHA, QuantileSketch
 from sinks.db import Connection
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
-from pipeline.event import ValidEvent
+from pipeline.contract import ValidEvent
 from sinks.aggregate_parts import usage_status
 from sinks.db import Connection
 

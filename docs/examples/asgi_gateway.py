@@ -32,8 +32,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from pipeline.event_builder import GatewayRequestEvent
-from pipeline.producer import EventProducer
+from pipeline.sdk.event_builder import GatewayRequestEvent
+from pipeline.sdk.producer import EventProducer
 from pipeline.settings import load_settings
 
 Scope = MutableMapping[str, Any]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from pipeline.event import schema_text
+from pipeline.contract import schema_text
 
 
 @click.command(name="schema")

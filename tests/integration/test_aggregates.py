@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from consumers.ingest.factory import build_worker
-from pipeline.event import ValidationPolicy, ValidEvent, validate_event
+from pipeline.contract import ValidationPolicy, ValidEvent, validate_event
 from pipeline.settings import Settings
 from pipeline.sketch import QuantileSketch, merge_all
 from sinks import merger

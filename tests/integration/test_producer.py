@@ -20,13 +20,13 @@ from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 
 from pipeline.cli import cli
-from pipeline.event_builder import GatewayRequestEvent
+from pipeline.devtools.loadgen.generator import LoadConfig, generate
+from pipeline.devtools.stack import StackInfo
+from pipeline.devtools.stack.binaries import tansu_binary
 from pipeline.kafka_admin import ensure_topics
-from pipeline.loadgen import LoadConfig, generate
-from pipeline.producer import DeliveryFailure, EventProducer, ProducerClosedError
-from pipeline.redaction import MARKER, RedactionConfig
-from pipeline.stack import StackInfo
-from pipeline.stack.binaries import tansu_binary
+from pipeline.sdk.event_builder import GatewayRequestEvent
+from pipeline.sdk.producer import DeliveryFailure, EventProducer, ProducerClosedError
+from pipeline.sdk.redaction import MARKER, RedactionConfig
 
 pytestmark = pytest.mark.integration
 
@@ -119,7 +119,7 @@ async def test_idempotence_falls_back_on_tansu_with_one_warning(
             assert producer.idempotent is False
             await producer.emit(event(str(uuid.uuid4()), 1))
     assert producer.stats.delivered == 1
-    ours = [r for r in caplog.records if r.name == "pipeline.producer"]
+    ours = [r for r in caplog.records if r.name == "pipeline.sdk.producer"]
     assert len(ours) == 1 and "WITHOUT idempotence" in ours[0].getMessage()
     assert not [r for r in caplog.records if "InitProducerIdRequest" in r.getMessage()]
 

@@ -15,7 +15,7 @@ import orjson
 import pglast
 import pytest
 
-from pipeline.event import ValidationPolicy, ValidEvent, validate_event
+from pipeline.contract import ValidationPolicy, ValidEvent, validate_event
 from pipeline.sketch import QuantileSketch, SketchDecodeError
 from sinks import merger
 from sinks.aggregate_parts import (

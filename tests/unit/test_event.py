@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.commands.schema import command as schema_command
-from pipeline.event import InvalidEvent, ValidationPolicy, ValidEvent, load_schema, validate_event
+from pipeline.contract import InvalidEvent, ValidationPolicy, ValidEvent, load_schema, validate_event
 
 NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
 POLICY = ValidationPolicy(max_age=timedelta(days=90), max_future_skew=timedelta(hours=1))

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.event import ValidationPolicy, ValidEvent, validate_event
-from pipeline.event_builder import GatewayRequestEvent, format_timestamp
-from pipeline.producer import EventProducer
-from pipeline.redaction import MARKER, RedactionConfig
+from pipeline.contract import ValidationPolicy, ValidEvent, validate_event
+from pipeline.sdk.event_builder import GatewayRequestEvent, format_timestamp
+from pipeline.sdk.producer import EventProducer
+from pipeline.sdk.redaction import MARKER, RedactionConfig
 
 ORG = "0190f0d8-0000-7000-8000-000000000001"
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.redaction import DEFAULT_PATTERNS, EMAIL_PATTERN, MARKER, RedactionConfig
+from pipeline.sdk.redaction import DEFAULT_PATTERNS, EMAIL_PATTERN, MARKER, RedactionConfig
 
 PREVIOUS_DEFAULT_PATTERNS = (
     r"\b(?i:bearer)\s+[A-Za-z0-9\-._~+/]+=*",

@@ -38,8 +38,8 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from pipeline.event_builder import GatewayRequestEvent
-from pipeline.redaction import RedactionConfig
+from pipeline.sdk.event_builder import GatewayRequestEvent
+from pipeline.sdk.redaction import RedactionConfig
 
 __all__ = [
     "DeliveryFailure",

@@ -1,4 +1,4 @@
-"""The rules of docs/contract.md §1 that `pipeline.event.validate_event` applies, and their explanations.
+"""The rules of docs/contract.md §1 that `validate_event` applies, and their explanations.
 
 `validate_event` tests the common case inline (one type check and one comparison or pattern match
 per field). Only when that quick test fails does it call a function here, which either accepts a
@@ -10,57 +10,23 @@ from __future__ import annotations
 import ipaddress
 import re
 from datetime import UTC, datetime
-from typing import Final, Literal, NoReturn
+from typing import Final, NoReturn
 
-InvalidReason = Literal[
-    "not_utf8",
-    "not_json",
-    "not_object",
-    "missing_field",
-    "bad_type",
-    "bad_uuid",
-    "bad_timestamp",
-    "bad_ip",
-    "negative_value",
-    "out_of_range",
-    "too_long",
-    "bad_enum",
-    "out_of_range_time",
-    "unsupported_schema_version",
-    # Given by the worker, not by validate_event's rules:
-    "expired",  # started_at's UTC day is before the retention horizon (its partition is dropped)
-    "rejected_by_database",  # PostgreSQL refused the event's row (a data error no rule caught)
-    "internal_error",  # an unexpected exception while decoding this one message
-]
-
-SCHEMA_VERSION: Final = 1
-LEVELS: Final = frozenset({"trace", "debug", "info", "warn", "error", "fatal"})
-ERROR_LEVELS: Final = frozenset({"error", "fatal"})
-EVENT_TYPES: Final = frozenset({"api_call", "mcp_tool", "streaming"})
-STATUSES: Final = frozenset({"success", "error", "timeout", "rate_limited"})
-INT32_MIN: Final = -(2**31)
-INT32_MAX: Final = 2**31 - 1
-BYTES_MAX: Final = 2**40
-STATUS_CODE_MIN: Final = 100
-STATUS_CODE_MAX: Final = 599
-RPC_METHOD_MAX: Final = 100
-USER_ID_MAX: Final = 255
-MODEL_MAX: Final = 50
-MCP_TOOL_NAME_MAX: Final = 255
+from pipeline.contract.fields import (
+    INT32_MAX,
+    INT32_MIN,
+    SCHEMA_VERSION,
+    TIMESTAMP_PATTERN,
+    UUID_PATTERN,
+    InvalidReason,
+)
 
 # Canonical (lower-case) UUID text: the common case, accepted without a copy.
 LOWER_UUID_MATCH: Final = re.compile(
     r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z", re.ASCII
 ).match
-_UUID_MATCH: Final = re.compile(
-    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z", re.ASCII
-).match
-# RFC 3339 date-time; the calendar (day of month, year 0) is left to datetime.fromisoformat.
-_TIMESTAMP_MATCH: Final = re.compile(
-    r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])[Tt](?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
-    r"(?:\.[0-9]+)?(?:[Zz]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])\Z",
-    re.ASCII,
-).match
+_UUID_MATCH: Final = re.compile(UUID_PATTERN + r"\Z", re.ASCII).match
+_TIMESTAMP_MATCH: Final = re.compile(TIMESTAMP_PATTERN + r"\Z", re.ASCII).match
 # Exactly what ipaddress.IPv4Address accepts: four decimal octets, no leading zeros.
 IPV4_MATCH: Final = re.compile(
     r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\Z",

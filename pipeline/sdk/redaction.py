@@ -20,47 +20,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from pipeline.contract.fields import DATA_PLANE_NAMES, TYPED_NAMES
+
 MARKER: Final = "[REDACTED]"
 
 # The free-form fields of docs/contract.md §1 ("any JSON", object storage only).
-DATA_PLANE_FIELDS: Final = ("request", "response", "headers", "metadata")
+DATA_PLANE_FIELDS: Final = DATA_PLANE_NAMES
 
 # Typed fields: a path may not replace them (the event would no longer match the contract).
-_TYPED_FIELDS: Final = frozenset(
-    {
-        "event_id",
-        "organization_id",
-        "started_at",
-        "duration_ms",
-        "schema_version",
-        "server_id",
-        "session_id",
-        "virtual_server_id",
-        "rpc_method",
-        "level",
-        "status_code",
-        "error",
-        "bytes_in",
-        "bytes_out",
-        "user_id",
-        "remote_ip",
-        "client_id",
-        "connection_id",
-        "project_id",
-        "api_key_id",
-        "model",
-        "event_type",
-        "status",
-        "input_tokens",
-        "output_tokens",
-        "cache_read_tokens",
-        "cache_write_tokens",
-        "cost_cents",
-        "time_to_first_token_ms",
-        "mcp_tool_name",
-        "redaction_version",
-    }
-)
+_TYPED_FIELDS: Final = frozenset(TYPED_NAMES)
 
 DEFAULT_FIELD_PATHS: Final = (
     "headers.authorization",

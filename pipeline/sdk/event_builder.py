@@ -13,40 +13,27 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import uuid_utils
 
-Level = Literal["trace", "debug", "info", "warn", "error", "fatal"]
-EventType = Literal["api_call", "mcp_tool", "streaming"]
-UsageStatus = Literal["success", "error", "timeout", "rate_limited"]
+from pipeline.contract.fields import (
+    FIELDS,
+    REQUIRED_NAMES,
+    SCHEMA_VERSION,
+    EventType,
+    Kind,
+    Level,
+    UsageStatus,
+)
+from pipeline.contract.fields import Field as ContractField
+
+__all__ = ["EventType", "GatewayRequestEvent", "Level", "UsageStatus", "format_timestamp", "new_event_id"]
+
 UuidLike = str | uuid.UUID | uuid_utils.UUID
 
-LEVELS: Final = frozenset({"trace", "debug", "info", "warn", "error", "fatal"})
-EVENT_TYPES: Final = frozenset({"api_call", "mcp_tool", "streaming"})
-USAGE_STATUSES: Final = frozenset({"success", "error", "timeout", "rate_limited"})
-_INT32_MAX: Final = 2**31 - 1
-_BYTES_MAX: Final = 2**40
-_TEXT_LIMITS: Final = {"rpc_method": 100, "user_id": 255, "model": 50, "mcp_tool_name": 255}
-_UUID_FIELDS: Final = (
-    "event_id",
-    "organization_id",
-    "server_id",
-    "session_id",
-    "virtual_server_id",
-    "client_id",
-    "connection_id",
-    "project_id",
-    "api_key_id",
-)
-_COUNTERS: Final = (
-    "input_tokens",
-    "output_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "cost_cents",
-    "time_to_first_token_ms",
-)
+# The fields the builder checks: every typed field of the table but schema_version, which it sets.
+_CHECKED: Final = tuple(f for f in FIELDS if f.kind not in {Kind.ANY, Kind.VERSION})
 
 
 def new_event_id() -> str:
@@ -110,36 +97,18 @@ class GatewayRequestEvent:
     extra: Mapping[str, Any] = field(default_factory=dict)  # unknown fields, kept as given
 
     def __post_init__(self) -> None:
-        for name in _UUID_FIELDS:
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, _uuid_text(name, value))
-        if self.started_at.tzinfo is None:
-            raise ValueError("started_at must be timezone-aware")
-        _int_range("duration_ms", self.duration_ms, 0, _INT32_MAX)
-        if self.status_code is not None:
-            _int_range("status_code", self.status_code, 100, 599)
-        for name in ("bytes_in", "bytes_out"):
-            value = getattr(self, name)
-            if value is not None:
-                _int_range(name, value, 0, _BYTES_MAX)
-        for name in _COUNTERS:
-            value = getattr(self, name)
-            if value is not None:
-                _int_range(name, value, 0, _INT32_MAX)
-        if self.redaction_version is not None:
-            _int_range("redaction_version", self.redaction_version, -(2**31), _INT32_MAX)
-        for name, limit in _TEXT_LIMITS.items():
-            value = getattr(self, name)
-            if value is not None:
-                _text(name, value, limit)
-        _choice("level", self.level, LEVELS)
-        _choice("event_type", self.event_type, EVENT_TYPES)
-        _choice("status", self.status, USAGE_STATUSES)
-        if self.error is not None and type(self.error) is not bool:
-            raise TypeError("error must be a bool")
-        if self.remote_ip is not None:
-            _ip(self.remote_ip)
+        # The bounds and enumerations are the validator's (pipeline.contract.fields), so an event
+        # this accepts is one the ingest worker accepts (bar the started_at window, which depends
+        # on the worker's clock).
+        for spec in _CHECKED:
+            value = getattr(self, spec.name)
+            if value is None:
+                if spec.required:
+                    raise TypeError(f"{spec.name}: required")
+                continue
+            checked = _check(spec, value)
+            if checked is not value:
+                setattr(self, spec.name, checked)
         clash = _FIELD_NAMES.intersection(self.extra)
         if clash:
             raise ValueError(f"extra fields may not reuse contract names: {sorted(clash)}")
@@ -151,7 +120,7 @@ class GatewayRequestEvent:
             "organization_id": self.organization_id,
             "started_at": format_timestamp(self.started_at),
             "duration_ms": self.duration_ms,
-            "schema_version": 1,
+            "schema_version": SCHEMA_VERSION,
         }
         for name in _OPTIONAL_NAMES:
             value = getattr(self, name)
@@ -170,10 +139,40 @@ _FIELD_NAMES: Final = frozenset(f.name for f in fields(GatewayRequestEvent) if f
     "schema_version"
 }
 _OPTIONAL_NAMES: Final = tuple(
-    f.name
-    for f in fields(GatewayRequestEvent)
-    if f.name not in {"event_id", "organization_id", "started_at", "duration_ms", "extra"}
+    f.name for f in fields(GatewayRequestEvent) if f.name not in {*REQUIRED_NAMES, "extra"}
 )
+
+
+def _check(spec: ContractField, value: object) -> object:
+    """`value` as the event carries it (a UUID becomes its text), or TypeError/ValueError."""
+    name = spec.name
+    match spec.kind:
+        case Kind.UUID:
+            return _uuid_text(name, value)
+        case Kind.TIMESTAMP:
+            if not isinstance(value, datetime):
+                raise TypeError(f"{name}: expected a datetime, got {type(value).__name__}")
+            if value.tzinfo is None:
+                raise ValueError(f"{name} must be timezone-aware (naive datetimes are ambiguous)")
+        case Kind.INTEGER:
+            assert spec.minimum is not None and spec.maximum is not None
+            _int_range(name, value, spec.minimum, spec.maximum)
+        case Kind.TEXT:
+            assert spec.max_length is not None
+            _text(name, value, spec.max_length)
+        case Kind.CHOICE:
+            if value not in spec.choices:
+                raise ValueError(f"{name}: expected one of {sorted(spec.choices)}, got {value!r}")
+        case Kind.BOOLEAN:
+            if type(value) is not bool:
+                raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+        case Kind.IP:
+            if not isinstance(value, str):
+                raise TypeError(f"{name}: expected a str, got {type(value).__name__}")
+            _ip(value)
+        case Kind.VERSION | Kind.ANY:
+            pass
+    return value
 
 
 def _uuid_text(name: str, value: object) -> str:
@@ -205,11 +204,6 @@ def _text(name: str, value: object, limit: int) -> None:
         raise ValueError(f"{name}: at most {limit} characters, got {len(value)}")
     if "\x00" in value:
         raise ValueError(f"{name}: the NUL character is not allowed")
-
-
-def _choice(name: str, value: object, allowed: frozenset[str]) -> None:
-    if value is not None and value not in allowed:
-        raise ValueError(f"{name}: expected one of {sorted(allowed)}, got {value!r}")
 
 
 def _ip(value: str) -> None:
