@@ -78,7 +78,8 @@ class FlushContext:
     dlq_limit: DeadLetterLimit
     # The last step: commit the batch's offsets to Kafka (advisory, for lag tools; never raises).
     commit_kafka: Callable[[Batch], Awaitable[None]] | None = None
-    clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC)  # the validation reference
+    monotonic: Callable[[], float] = time.monotonic  # how long uploads have been held
 
 
 @dataclass(slots=True)
@@ -276,7 +277,7 @@ async def _upload(ctx: FlushContext, pending: list[PendingObject]) -> None:
     async def upload_missing() -> None:
         async def one(p: PendingObject) -> None:
             await ctx.objects.put(p.key, p.body)
-            p.uploaded_at = time.monotonic()
+            p.uploaded_at = ctx.monotonic()
             failpoints.hit("during_upload")
 
         # A TaskGroup cancels the sibling uploads when one fails, so a retry never races a stale
@@ -293,7 +294,7 @@ async def _upload(ctx: FlushContext, pending: list[PendingObject]) -> None:
 
 
 async def _renew_stale(ctx: FlushContext, pending: list[PendingObject]) -> None:
-    stale = [p for p in pending if p.stale(time.monotonic())]
+    stale = [p for p in pending if p.stale(ctx.monotonic())]
     if stale:
         ctx.metrics.orphaned_uploads.inc(len(stale))
         for p in stale:
@@ -353,7 +354,7 @@ async def _transaction(
     rollback: bool = False,
 ) -> BatchOutcome:
     """The batch transaction over `pending`'s events (or a probe over `only`, rolled back)."""
-    if any(p.stale(time.monotonic()) for p in pending):
+    if any(p.stale(ctx.monotonic()) for p in pending):
         raise _UploadsStale
     if only is not None:
         return await ctx.index.commit(batch.ranges, only, [], check_horizon=False, rollback=True)
