@@ -10,9 +10,16 @@ import importlib
 import logging
 import sys
 
-import click
+try:
+    import click
 
-from pipeline.settings import ConfigError
+    from pipeline.settings import ConfigError
+except ModuleNotFoundError as missing:
+    # `pip install omnilog` is the producer SDK alone; the command line comes with the worker.
+    raise SystemExit(
+        f"omnilog: the command line needs the worker's dependencies (no module {missing.name!r}): "
+        "pip install 'omnilog[worker]'"
+    ) from None
 
 # name -> "module:attribute" of a click.Command
 _COMMANDS: dict[str, str] = {
@@ -39,13 +46,7 @@ class LazyGroup(click.Group):
         if target is None:
             return None
         module_name, attr = target.split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                return None  # not built yet: click reports "No such command"
-            raise
-        command = getattr(module, attr)
+        command = getattr(importlib.import_module(module_name), attr)
         assert isinstance(command, click.Command)
         return command
 

@@ -12,7 +12,7 @@ from typing import Any, Literal, get_args
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pipeline.logs import scrub_credentials
+from pipeline.log_format import scrub_credentials
 
 
 class ConfigError(Exception):

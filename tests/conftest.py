@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.devtools.stack import Stack, StackInfo, create_database, drop_database
+from pipeline.devtools.stack.s3 import S3Credentials, ensure_bucket
 from pipeline.settings import Settings, load_settings
-from pipeline.stack import Stack, StackInfo, create_database, drop_database
-from pipeline.stack.s3 import S3Credentials, ensure_bucket
 
 _INTEGRATION_DIR = Path(__file__).parent / "integration"
 

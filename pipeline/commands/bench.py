@@ -38,9 +38,9 @@ import click
 @click.option("--no-chart", is_flag=True, help="Skip the PNG chart.")
 def command(quick: bool, use_env: bool, root: Path | None, out: Path, profile: bool, no_chart: bool) -> None:
     """Measure ingest throughput, freshness and memory against the ceilings and a faust peer."""
-    from pipeline.bench import report
-    from pipeline.bench.env import BenchEnv, info_from_environment, own_stack
-    from pipeline.bench.runner import Plan, run
+    from bench.harness import report
+    from bench.harness.env import BenchEnv, info_from_environment, own_stack
+    from bench.harness.runner import Plan, run
 
     logging.basicConfig(level=logging.WARNING)
     plan = Plan.quick() if quick else Plan.full()

@@ -17,6 +17,6 @@ from rich.console import Console
 @click.option("--root", type=click.Path(path_type=Path), help="Stack directory (default ./.omnilog).")
 def command(count: int, workers: int, root: Path | None) -> None:
     """Stack up, migrate, produce, ingest with two workers, and show the results."""
-    from pipeline.demo import default_options, run_demo
+    from pipeline.devtools.demo import default_options, run_demo
 
     sys.exit(asyncio.run(run_demo(default_options(root, count, workers), Console())))

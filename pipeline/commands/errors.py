@@ -17,7 +17,7 @@ import asyncpg
 import click
 from botocore.exceptions import BotoCoreError, ClientError
 
-from pipeline.logs import scrub_credentials
+from pipeline.log_format import scrub_credentials
 
 POSTGRES: Final = "PostgreSQL (OMNILOG_DATABASE_URL)"
 OBJECT_STORAGE: Final = "object storage (OMNILOG_S3_ENDPOINT_URL, OMNILOG_S3_BUCKET, AWS_*)"

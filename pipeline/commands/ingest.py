@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.logs import configure_logging
+from pipeline.log_format import configure_logging
 from pipeline.settings import Settings, load_settings
 
 

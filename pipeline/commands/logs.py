@@ -16,7 +16,9 @@ import click
 import orjson
 
 from pipeline.commands import errors
-from pipeline.readpath import (
+from pipeline.settings import Settings, load_settings
+from sinks.objects import ObjectWriter, s3_client
+from sinks.readpath import (
     BodyError,
     NotFound,
     QueryFilter,
@@ -27,8 +29,6 @@ from pipeline.readpath import (
     query_index,
     read_event,
 )
-from pipeline.settings import Settings, load_settings
-from sinks.objects import ObjectWriter, s3_client
 
 _RELATIVE = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}

@@ -12,9 +12,9 @@ import aiokafka.errors as kafka_errors
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline.loadgen import LoadConfig
-from pipeline.loadgen_kafka import LoadResult, run_load
-from pipeline.loadgen_summary import write_summary
+from pipeline.devtools.loadgen.generator import LoadConfig
+from pipeline.devtools.loadgen.kafka import LoadResult, run_load
+from pipeline.devtools.loadgen.summary import write_summary
 from pipeline.settings import load_settings
 
 _DEFAULT_COUNT = 10_000

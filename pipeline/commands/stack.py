@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.stack import SERVICES, Stack, StackError, default_root
-from pipeline.stack.launcher import ENV_FILE
+from pipeline.devtools.stack import SERVICES, Stack, StackError, default_root
+from pipeline.devtools.stack.launcher import ENV_FILE
 
 _root_option = click.option(
     "--root",

@@ -20,8 +20,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pipeline.devtools.stack.ports import free_ports
 from pipeline.settings import Settings
-from pipeline.stack.ports import free_ports
 from sinks.migrate import migrate
 from tests.deploy.support import RULES_FILE, tool
 

@@ -13,10 +13,10 @@ import httpx
 import orjson
 import pytest
 
-from pipeline.event import ValidationPolicy, ValidEvent, validate_event
+from pipeline.contract import ValidationPolicy, ValidEvent, validate_event
+from pipeline.devtools.stack import StackInfo
 from pipeline.kafka_admin import ensure_topics
-from pipeline.redaction import MARKER
-from pipeline.stack import StackInfo
+from pipeline.sdk.redaction import MARKER
 from tests.integration.test_producer import read_all
 
 pytestmark = pytest.mark.integration

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.bench.runner import SCENARIOS
-from pipeline.stack import StackInfo
+from bench.harness.runner import SCENARIOS
+from pipeline.devtools.stack import StackInfo
 
 pytestmark = pytest.mark.integration
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import aioboto3
 import pytest
 
-from pipeline.stack import StackInfo, drop_database
-from pipeline.stack.blocking import run_blocking
-from pipeline.stack.postgres import _ensure_database
-from pipeline.stack.s3 import S3Credentials, ensure_bucket
+from pipeline.devtools.stack import StackInfo, drop_database
+from pipeline.devtools.stack.blocking import run_blocking
+from pipeline.devtools.stack.postgres import _ensure_database
+from pipeline.devtools.stack.s3 import S3Credentials, ensure_bucket
 
 pytestmark = pytest.mark.integration
 

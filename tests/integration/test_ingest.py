@@ -17,9 +17,9 @@ from prometheus_client import CollectorRegistry
 
 from consumers.ingest.factory import build_worker
 from pipeline.cli import cli
-from pipeline.readpath import QueryFilter, fetch_bodies, query_index
 from sinks.migrate import migrate
 from sinks.objects import ObjectWriter, s3_client
+from sinks.readpath import QueryFilter, fetch_bodies, query_index
 from tests.integration.ingest_support import (
     Traffic,
     create_topic,

@@ -15,7 +15,7 @@ import asyncpg
 import orjson
 import pytest
 
-from pipeline.stack import StackInfo
+from pipeline.devtools.stack import StackInfo
 from sinks.migrate import migrate
 from sinks.partitions import (
     TIME_PARTITIONED,

@@ -21,9 +21,9 @@ from botocore.config import Config
 from click.testing import CliRunner, Result
 
 from pipeline.cli import cli
+from pipeline.devtools.stack import Stack, StackInfo
+from pipeline.devtools.stack import state as state_file
 from pipeline.settings import Settings
-from pipeline.stack import Stack, StackInfo
-from pipeline.stack import state as state_file
 
 pytestmark = pytest.mark.integration
 

@@ -10,9 +10,9 @@ import numpy as np
 import orjson
 import pytest
 
-from pipeline.event import InvalidEvent, ValidationPolicy, ValidEvent, validate_event
-from pipeline.loadgen import INVALID_KINDS, LoadConfig, generate
-from pipeline.loadgen_summary import summarize
+from pipeline.contract import InvalidEvent, ValidationPolicy, ValidEvent, validate_event
+from pipeline.devtools.loadgen.generator import INVALID_KINDS, LoadConfig, generate
+from pipeline.devtools.loadgen.summary import summarize
 
 BASE = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 POLICY = ValidationPolicy(max_age=timedelta(days=90), max_future_skew=timedelta(hours=1))

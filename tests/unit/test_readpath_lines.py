@@ -8,7 +8,7 @@ import uuid
 import orjson
 import pytest
 
-from pipeline.readpath import NotFound, UnreadableBody, find_line, member_lines
+from sinks.readpath import NotFound, UnreadableBody, find_line, member_lines
 
 EVENT_ID = str(uuid.UUID("0190f0d8-abcd-7000-8def-00000000beef"))
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.logs import CredentialFilter, JsonFormatter, configure_logging, scrub_credentials
+from pipeline.log_format import CredentialFilter, JsonFormatter, configure_logging, scrub_credentials
 from pipeline.settings import ConfigError, Settings, _shown_input, load_settings
 
 PASSWORD = "hunter2-S3cr3t"

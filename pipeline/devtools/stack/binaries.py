@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.stack.errors import StackError
+from pipeline.devtools.stack.errors import StackError
 
 
 class BinaryNotFoundError(StackError):

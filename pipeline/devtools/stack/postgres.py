@@ -14,12 +14,12 @@ from pathlib import Path
 
 import asyncpg
 
-from pipeline.stack.binaries import BinaryNotFoundError, postgres_bindir
-from pipeline.stack.blocking import run_blocking
-from pipeline.stack.errors import StackError
-from pipeline.stack.ports import HOST
-from pipeline.stack.procs import RunAs, run
-from pipeline.stack.service import Service
+from pipeline.devtools.stack.binaries import BinaryNotFoundError, postgres_bindir
+from pipeline.devtools.stack.blocking import run_blocking
+from pipeline.devtools.stack.errors import StackError
+from pipeline.devtools.stack.ports import HOST
+from pipeline.devtools.stack.procs import RunAs, run
+from pipeline.devtools.stack.service import Service
 
 SUPERUSER = "omnilog"
 DATABASE = "omnilog"

@@ -25,15 +25,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from pipeline.devtools.loadgen.generator import LoadConfig
+from pipeline.devtools.loadgen.kafka import run_load
+from pipeline.devtools.stack import Stack
 from pipeline.kafka_admin import ensure_topics
-from pipeline.loadgen import LoadConfig
-from pipeline.loadgen_kafka import run_load
-from pipeline.readpath import QueryFilter, get_event, query_index
 from pipeline.settings import Settings, load_settings
-from pipeline.stack import Stack
 from sinks.merger import merge_pass
 from sinks.migrate import migrate
 from sinks.objects import ObjectWriter, s3_client
+from sinks.readpath import QueryFilter, get_event, query_index
 
 
 @dataclass(frozen=True)
@@ -278,6 +278,6 @@ async def _show_aggregates(database_url: str, console: Console) -> str | None:
 
 
 def default_options(root: Path | None, count: int, workers: int) -> DemoOptions:
-    from pipeline.stack.launcher import default_root
+    from pipeline.devtools.stack.launcher import default_root
 
     return DemoOptions(root=root or default_root(), count=count, workers=workers)

@@ -4,12 +4,12 @@ Everything listens on 127.0.0.1 only and lives under one root directory (default
 `./.omnilog`). See docs/stack.md.
 """
 
-from pipeline.stack.binaries import BinaryNotFoundError
-from pipeline.stack.databases import create_database, drop_database
-from pipeline.stack.errors import StackError
-from pipeline.stack.info import ServiceStatus, StackInfo
-from pipeline.stack.launcher import SERVICES, ServiceStartError, Stack, UpResult, default_root
-from pipeline.stack.ports import PortInUseError
+from pipeline.devtools.stack.binaries import BinaryNotFoundError
+from pipeline.devtools.stack.databases import create_database, drop_database
+from pipeline.devtools.stack.errors import StackError
+from pipeline.devtools.stack.info import ServiceStatus, StackInfo
+from pipeline.devtools.stack.launcher import SERVICES, ServiceStartError, Stack, UpResult, default_root
+from pipeline.devtools.stack.ports import PortInUseError
 
 __all__ = [
     "SERVICES",

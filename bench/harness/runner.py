@@ -14,11 +14,11 @@ from typing import Any
 
 import psutil
 
-from pipeline.bench import ceilings, ingest, traffic
-from pipeline.bench.aggregates_stage import extension_rate
-from pipeline.bench.env import BenchEnv
-from pipeline.bench.peer_faust import run_peer
-from pipeline.bench.profile import summarize
+from bench.harness import ceilings, ingest, traffic
+from bench.harness.aggregates_stage import extension_rate
+from bench.harness.env import BenchEnv
+from bench.harness.peer_faust import run_peer
+from bench.harness.profile import summarize
 
 Log = Callable[[str], None]
 
@@ -148,7 +148,7 @@ async def run(env: BenchEnv, plan: Plan, work_dir: Path, log: Log, profile: bool
         "machine": _machine(),
         "git_commit": _git_commit(),
         "traffic": {
-            "generator": "pipeline.loadgen",
+            "generator": "pipeline.devtools.loadgen",
             "span_hours": traffic.SPAN_HOURS,
             "valid_only": True,
             "mean_value_bytes": round(sum(map(len, values)) / len(values), 1),

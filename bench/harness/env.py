@@ -14,9 +14,9 @@ from pathlib import Path
 import asyncpg
 from aiokafka.admin import AIOKafkaAdminClient
 
+from pipeline.devtools.stack import Stack, StackInfo, create_database, drop_database
 from pipeline.kafka_admin import ensure_topics
 from pipeline.settings import Settings, load_settings
-from pipeline.stack import Stack, StackInfo, create_database, drop_database
 from sinks.migrate import migrate
 from sinks.objects import s3_client
 

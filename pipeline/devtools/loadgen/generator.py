@@ -7,7 +7,7 @@ with `config.seed`, and every timestamp derives from `config.base_time`. A short
 a longer one with the same config (draws happen in fixed-size chunks regardless of `count`).
 
 Organizations, servers, sessions, users and projects are Zipf-distributed (a few large tenants, a
-long tail); methods, latencies, errors, body sizes and usage follow `pipeline.loadgen_model`.
+long tail); methods, latencies, errors, body sizes and usage follow `pipeline.devtools.loadgen.model`.
 
 Speed: bodies are drawn from per-method pools built once; per event the generator does a handful of
 list lookups, one dict and one `orjson.dumps` — about 10 µs, so one core feeds well over 30 k
@@ -26,11 +26,11 @@ from typing import Any, Final, Literal
 import numpy as np
 import orjson
 
-from pipeline import loadgen_model as model
+from pipeline.devtools.loadgen import model
 
 MessageKind = Literal["valid", "duplicate", "invalid"]
 
-# Each is the reason `pipeline.event.validate_event` gives for it (the dead-letter header).
+# Each is the reason `pipeline.contract.validate_event` gives for it (the dead-letter header).
 INVALID_KINDS: Final = (
     "not_json",
     "not_utf8",

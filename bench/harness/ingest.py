@@ -16,9 +16,9 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from pipeline.bench import traffic
-from pipeline.bench.env import BenchEnv, connect
-from pipeline.bench.procs import Profiler, WorkerGroup, metric_sum
+from bench.harness import traffic
+from bench.harness.env import BenchEnv, connect
+from bench.harness.procs import Profiler, WorkerGroup, metric_sum
 from pipeline.metrics import FLUSH_STAGES
 
 _STALL_S = 60.0  # no offset progress for this long fails the scenario

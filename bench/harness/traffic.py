@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from pipeline.loadgen import LoadConfig, generate
-from pipeline.loadgen_kafka import BatchSender, run_load
+from pipeline.devtools.loadgen.generator import LoadConfig, generate
+from pipeline.devtools.loadgen.kafka import BatchSender, run_load
 
 _STARTED_AT = b'"started_at":"'
 _STAMP_LEN = len("2026-11-23T05:20:42.123Z")

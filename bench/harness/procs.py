@@ -22,10 +22,10 @@ import aiohttp
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.stack.ports import free_ports
+from pipeline.devtools.stack.ports import free_ports
 
 _OMNILOG = "from pipeline.cli import main; main()"
-_VARIANT = "from pipeline.bench.variants import main; main()"
+_VARIANT = "from bench.harness.variants import main; main()"
 
 
 @dataclass
@@ -81,7 +81,7 @@ class WorkerGroup:
     def start(
         cls, count: int, env: dict[str, str], log_dir: Path, label: str, variant: str = "full"
     ) -> WorkerGroup:
-        """`omnilog ingest` processes (or a cost-attribution variant, see `pipeline.bench.variants`)."""
+        """`omnilog ingest` processes (or a cost-attribution variant, see `bench.harness.variants`)."""
         argv = [sys.executable, "-c", _OMNILOG, "ingest"]
         if variant != "full":
             argv = [sys.executable, "-c", _VARIANT, variant]

@@ -7,8 +7,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from pipeline.stack.blocking import run_blocking
-from pipeline.stack.info import StackInfo
+from pipeline.devtools.stack.blocking import run_blocking
+from pipeline.devtools.stack.info import StackInfo
 
 _NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 

@@ -25,7 +25,7 @@ from typing import Any, Final
 import numpy as np
 import orjson
 
-from pipeline.loadgen import EventFacts, LoadConfig, Message
+from pipeline.devtools.loadgen.generator import EventFacts, LoadConfig, Message
 
 FORMAT: Final = "omnilog-loadgen-summary/1"
 QUANTILES: Final = (0.5, 0.95, 0.99)

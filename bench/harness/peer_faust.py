@@ -8,7 +8,7 @@ letting faust commit offsets. No aggregates: the peer does less work than the wo
 
 Run as a process (faust owns its event loop):
 
-    python -c "from pipeline.bench.peer_faust import main; main()"
+    python -c "from bench.harness.peer_faust import main; main()"
 
 configured by the stack variables plus PEER_APP_ID, PEER_TOPIC, PEER_BATCH and PEER_PARTITIONS.
 On the first event it records `first_consume` in `bench_peer_marks`, so the harness times the
@@ -33,10 +33,10 @@ import aioboto3
 import asyncpg
 import faust
 
-from pipeline.bench import traffic
-from pipeline.bench.ceilings import POLICY
-from pipeline.bench.env import BenchEnv, connect
-from pipeline.event import ValidEvent, validate_event
+from bench.harness import traffic
+from bench.harness.ceilings import POLICY
+from bench.harness.env import BenchEnv, connect
+from pipeline.contract import ValidEvent, validate_event
 from sinks.index import LOG_INDEX_COLUMNS
 from sinks.partitions import ensure_day_partitions
 
@@ -162,7 +162,7 @@ def _spawn(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen[bytes]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-c", "from pipeline.bench.peer_faust import main; main()"],
+        [sys.executable, "-c", "from bench.harness.peer_faust import main; main()"],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

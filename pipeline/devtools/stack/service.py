@@ -7,8 +7,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
 
-from pipeline.stack.ports import free_ports
-from pipeline.stack.procs import RunAs
+from pipeline.devtools.stack.ports import free_ports
+from pipeline.devtools.stack.procs import RunAs
 
 
 class ProbeFailedError(Exception):

@@ -8,9 +8,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.bench.ceilings import rate
-from pipeline.bench.env import connect
-from pipeline.event import ValidEvent
+from bench.harness.ceilings import rate
+from bench.harness.env import connect
+from pipeline.contract import ValidEvent
 from sinks.aggregates import build_extensions
 from sinks.partitions import ensure_day_partitions
 

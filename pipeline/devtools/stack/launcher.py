@@ -12,14 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.stack import kafka, postgres, s3
-from pipeline.stack import state as state_file
-from pipeline.stack.errors import StackError
-from pipeline.stack.info import ServiceStatus, StackInfo
-from pipeline.stack.ports import port_is_free, require_free
-from pipeline.stack.procs import exited, is_alive, log_tail, spawn, stop
-from pipeline.stack.service import Service
-from pipeline.stack.state import StackState
+from pipeline.devtools.stack import kafka, postgres, s3
+from pipeline.devtools.stack import state as state_file
+from pipeline.devtools.stack.errors import StackError
+from pipeline.devtools.stack.info import ServiceStatus, StackInfo
+from pipeline.devtools.stack.ports import port_is_free, require_free
+from pipeline.devtools.stack.procs import exited, is_alive, log_tail, spawn, stop
+from pipeline.devtools.stack.service import Service
+from pipeline.devtools.stack.state import StackState
 
 SERVICES = ("postgres", "kafka", "s3")
 ENV_FILE = "stack.env"
@@ -341,7 +341,7 @@ class Stack:
 
 
 def _check_binaries(name: str) -> None:
-    from pipeline.stack import binaries
+    from pipeline.devtools.stack import binaries
 
     if name == "postgres":
         binaries.postgres_bindir()

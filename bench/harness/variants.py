@@ -1,6 +1,6 @@
 """Worker variants for attributing cost: the production worker with parts of the job removed.
 
-    python -c "from pipeline.bench.variants import main; main()" VARIANT
+    python -c "from bench.harness.variants import main; main()" VARIANT
 
 - `full`: exactly `consumers.ingest.factory.build_worker` (what `omnilog ingest` runs);
 - `no-merger`: the batch extensions (usage rows, aggregate parts) but no background merger;
@@ -18,7 +18,7 @@ from datetime import date
 
 from consumers.ingest.factory import build_worker
 from consumers.ingest.worker import IngestWorker
-from pipeline.logs import configure_logging
+from pipeline.log_format import configure_logging
 from pipeline.settings import Settings, load_settings
 from sinks.aggregates import build_extensions
 from sinks.db import Connection

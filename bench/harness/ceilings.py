@@ -5,7 +5,7 @@
 - COPY: binary COPY of the same events' index rows straight into `log_index` (same schema and
   indexes, partitioned by day), in batches of the worker's size, one connection.
 - gzip: `sinks.objects.encode_lines` (ISA-L, 64 KiB members) over the same bytes.
-- validate: `pipeline.event.validate_event` over the same bytes (the decode stage alone).
+- validate: `pipeline.contract.validate_event` over the same bytes (the decode stage alone).
 - index transaction: `sinks.index.commit_batch` (stage COPY + insert-select + offsets) alone.
 """
 
@@ -20,10 +20,12 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from pipeline.bench.env import connect
-from pipeline.event import ValidationPolicy, ValidEvent, validate_event
-from sinks.index import LOG_INDEX_COLUMNS, IndexedEvent, PartitionRange, commit_batch
-from sinks.objects import encode_lines
+from bench.harness.env import connect
+from pipeline.contract import ValidationPolicy, ValidEvent, validate_event
+from pipeline.processing.layout import encode_lines
+from pipeline.processing.offsets import PartitionRange
+from pipeline.processing.store import IndexedEvent
+from sinks.index import LOG_INDEX_COLUMNS, commit_batch
 from sinks.partitions import ensure_day_partitions
 
 Rate = dict[str, Any]

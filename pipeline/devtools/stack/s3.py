@@ -16,10 +16,10 @@ import aioboto3
 from aiobotocore.config import AioConfig
 from botocore.exceptions import ClientError
 
-from pipeline.stack.binaries import weed_binary
-from pipeline.stack.blocking import run_blocking
-from pipeline.stack.ports import HOST, free_port_pair, free_ports
-from pipeline.stack.service import ProbeFailedError, Service
+from pipeline.devtools.stack.binaries import weed_binary
+from pipeline.devtools.stack.blocking import run_blocking
+from pipeline.devtools.stack.ports import HOST, free_port_pair, free_ports
+from pipeline.devtools.stack.service import ProbeFailedError, Service
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client

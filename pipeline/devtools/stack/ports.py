@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from pipeline.stack.errors import StackError
+from pipeline.devtools.stack.errors import StackError
 
 HOST = "127.0.0.1"
 

@@ -18,8 +18,9 @@ import aiohttp
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
+from pipeline.processing.layout import parse_object_uri
 from sinks.db import Connection
-from sinks.objects import ObjectWriter, parse_object_uri
+from sinks.objects import ObjectWriter
 
 
 class NotFound(Exception):

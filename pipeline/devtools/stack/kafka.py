@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from pipeline.stack.binaries import tansu_binary
-from pipeline.stack.blocking import run_blocking
-from pipeline.stack.ports import HOST, is_listening
-from pipeline.stack.service import ProbeFailedError, Service
+from pipeline.devtools.stack.binaries import tansu_binary
+from pipeline.devtools.stack.blocking import run_blocking
+from pipeline.devtools.stack.ports import HOST, is_listening
+from pipeline.devtools.stack.service import ProbeFailedError, Service
 
 CLUSTER_ID = "omnilog-local"
 

@@ -21,8 +21,8 @@ import aiokafka.errors as kafka_errors
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
-from pipeline.loadgen import LoadConfig, generate
-from pipeline.loadgen_summary import SummaryBuilder
+from pipeline.devtools.loadgen.generator import LoadConfig, generate
+from pipeline.devtools.loadgen.summary import SummaryBuilder
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class LoadResult:
     delivered: int
     failed: int
     elapsed_s: float
-    summary: dict[str, Any]  # the oracle of exactly the messages sent (see loadgen_summary)
+    summary: dict[str, Any]  # the oracle of exactly the messages sent (see .summary)
 
 
 async def run_load(

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.stack.procs import ProcessRecord
+from pipeline.devtools.stack.procs import ProcessRecord
 
 STATE_FILE = "state.json"
 _VERSION = 1
