@@ -82,7 +82,8 @@ def test_lock_is_the_installed_runtime_closure() -> None:
 def test_lock_satisfies_pyproject_and_holds_no_dev_tools() -> None:
     pins = _locked()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    for requirement in map(Requirement, project["dependencies"]):
+    worker = [*project["dependencies"], *project["optional-dependencies"]["worker"]]
+    for requirement in map(Requirement, worker):
         name = canonicalize_name(requirement.name)
         assert name in pins, f"{name} missing from the lock"
         assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} breaks {requirement}"
