@@ -42,8 +42,8 @@ from typing import Any, Final
 import asyncpg
 from prometheus_client import CollectorRegistry
 
-from consumers.ingest.retry import ErrorKind, RetryPolicy, classify
 from pipeline.metrics import WorkerMetrics
+from pipeline.processing.retry import ErrorKind, RetryPolicy, classify
 from pipeline.sketch import QuantileSketch
 from sinks.aggregate_parts import (
     LOG_PARTS,

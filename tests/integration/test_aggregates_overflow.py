@@ -30,9 +30,9 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from consumers.ingest.retry import ErrorKind, PermanentError
-from pipeline.event import ValidationPolicy, ValidEvent, validate_event
+from pipeline.contract import ValidationPolicy, ValidEvent, validate_event
 from pipeline.metrics import WorkerMetrics
+from pipeline.processing.retry import ErrorKind, PermanentError
 from pipeline.sketch import DEFAULT_ALPHA, QuantileSketch
 from sinks import merger
 from sinks.aggregate_parts import (
