@@ -38,9 +38,19 @@ import click
 @click.option("--no-chart", is_flag=True, help="Skip the PNG chart.")
 def command(quick: bool, use_env: bool, root: Path | None, out: Path, profile: bool, no_chart: bool) -> None:
     """Measure ingest throughput, freshness and memory against the ceilings and a faust peer."""
-    from bench.harness import report
-    from bench.harness.env import BenchEnv, info_from_environment, own_stack
-    from bench.harness.runner import Plan, run
+    try:
+        from bench.harness import report
+        from bench.harness.env import BenchEnv, info_from_environment, own_stack
+        from bench.harness.runner import Plan, run
+    except ModuleNotFoundError as exc:
+        # The harness lives next to the bench scripts, not in pipeline/: the container image
+        # ships without it.
+        if exc.name is None or exc.name.split(".")[0] != "bench":
+            raise
+        raise click.ClickException(
+            "the benchmark harness (bench/harness/) is not installed here: "
+            "run from a checkout installed with `pip install -e '.[dev,stack,bench]'`"
+        ) from None
 
     logging.basicConfig(level=logging.WARNING)
     plan = Plan.quick() if quick else Plan.full()

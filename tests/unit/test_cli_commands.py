@@ -3,6 +3,8 @@ invoked, so a module that was moved or renamed would otherwise show up only when
 
 from __future__ import annotations
 
+import sys
+
 import click
 import pytest
 from click.testing import CliRunner
@@ -29,3 +31,12 @@ def test_an_unknown_command_is_a_usage_error() -> None:
     result = CliRunner().invoke(cli, ["no-such-command"])
     assert result.exit_code == 2
     assert "No such command" in result.output
+
+
+def test_bench_without_its_harness_says_so_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As in the container image, which ships pipeline/ but not bench/harness/.
+    monkeypatch.setitem(sys.modules, "bench.harness", None)
+    result = CliRunner().invoke(cli, ["bench", "--quick"])
+    assert result.exit_code == 1
+    assert "the benchmark harness (bench/harness/) is not installed here" in result.output
+    assert "Traceback" not in result.output
