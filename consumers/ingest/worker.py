@@ -25,12 +25,15 @@ from datetime import date, timedelta
 from typing import Any, TypeVar
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
+from consumers.ingest import clients
+from consumers.ingest.batch_report import record_batch
 from consumers.ingest.health import HealthServer
 from consumers.ingest.offset_guard import OffsetGuard
+from consumers.ingest.readiness import Readiness
 from pipeline.contract import ValidationPolicy
 from pipeline.metrics import WorkerMetrics
 from pipeline.processing.batch import Batch, BatchBuffer, BatchLimits
@@ -45,7 +48,6 @@ from sinks.index import BatchExtension, Horizon, PostgresIndexStore, init_offset
 from sinks.objects import ObjectWriter, s3_client
 
 log = logging.getLogger("omnilog.worker")
-_CLIENT_STOP_TIMEOUT_S = 5.0
 
 T = TypeVar("T")
 EnsurePartitions = Callable[[Connection, set[date]], Awaitable[None]]
@@ -97,17 +99,15 @@ class IngestWorker:
         self._flush_batch: Batch | None = None
         self._committed: dict[int, int] = {}
         self._loop_progress = time.monotonic()
-        self._assigned_once = False
-        self._dependencies: dict[str, bool] = {}
-        self._dlq_tripped: str | None = None
-        self._fatal: str | None = None
-        self._started = False
+        self._ready = Readiness(self.metrics)
         self._consumer: AIOKafkaConsumer | None = None
         self._pool: asyncpg.Pool | None = None
         self._ctx: FlushContext | None = None
         self.health: HealthServer | None = None
         self.exit_code = 0
-        self._retry = RetryPolicy(self.metrics, settings.retry_max_s, on_dependency=self._set_dependency)
+        self._retry = RetryPolicy(
+            self.metrics, settings.retry_max_s, on_dependency=self._ready.set_dependency
+        )
         self._offset_guard = OffsetGuard(
             settings.offset_out_of_range, settings.topic, settings.consumer_group, self.metrics, self._retry
         )
@@ -135,7 +135,7 @@ class IngestWorker:
             )
             if not await self._start(stack):
                 return self.exit_code
-            self._started = True
+            self._ready.started = True
             gc.collect()
             gc.freeze()  # long-lived objects (clients, pools) leave the collector's scans
             assert self._pool is not None
@@ -165,36 +165,28 @@ class IngestWorker:
 
     async def _connect(self, stack: AsyncExitStack) -> bool:
         s = self.settings
-
-        async def create_pool() -> asyncpg.Pool:
-            return await asyncpg.create_pool(
-                s.database_url.get_secret_value(), min_size=1, max_size=4, command_timeout=60
-            )
-
-        self._pool = await self._until_stopped("connect_postgres", "postgres", create_pool)
-        stack.push_async_callback(self._close_pool, self._pool)
-
+        self._pool = await self._until_stopped("connect_postgres", "postgres", lambda: clients.create_pool(s))
+        stack.push_async_callback(clients.close_pool, self._pool)
         s3 = await stack.enter_async_context(s3_client(s))
-
-        producer = AIOKafkaProducer(
-            bootstrap_servers=s.kafka_bootstrap_servers,
-            acks="all",
-            linger_ms=5,
-            # Dead letters are at-least-once by contract; idempotence would need InitProducerId,
-            # which the local broker lacks.
-            enable_idempotence=False,
-            compression_type=None if s.dlq_compression == "none" else s.dlq_compression,
-            # Letters are cut to OMNILOG_DLQ_MAX_RECORD_BYTES; the request limit must let them through.
-            max_request_size=s.dlq_max_record_bytes + 64 * 1024,
-        )
+        producer = clients.dead_letter_producer(s)
         await self._until_stopped("connect_kafka_producer", "kafka", producer.start)
-        stack.push_async_callback(self._bounded_stop, "producer", producer.stop)
-
+        stack.push_async_callback(clients.bounded_stop, "producer", producer.stop)
         objects = ObjectWriter(s3, s.s3_bucket, s.multipart_threshold_bytes)
-        self._ctx = FlushContext(
+        self._ctx = self._flush_context(self._pool, objects, producer)
+
+        consumer = clients.input_consumer(s)
+        consumer.subscribe([s.topic], listener=_Listener(self))
+        await self._until_stopped("connect_kafka_consumer", "kafka", consumer.start)
+        self._consumer = consumer
+        stack.push_async_callback(clients.bounded_stop, "consumer", consumer.stop)
+        return True
+
+    def _flush_context(self, pool: asyncpg.Pool, objects: ObjectWriter, producer: Any) -> FlushContext:
+        s = self.settings
+        return FlushContext(
             topic=s.topic,
             index=PostgresIndexStore(
-                self._pool,
+                pool,
                 s.consumer_group,
                 s.topic,
                 extensions=self._extensions,
@@ -217,40 +209,6 @@ class IngestWorker:
             commit_kafka=self._commit_kafka,
         )
 
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.kafka_bootstrap_servers,
-            group_id=s.consumer_group,
-            enable_auto_commit=False,
-            # Never jump silently: a position outside the log raises from getmany and is handled
-            # by OMNILOG_OFFSET_OUT_OF_RANGE (_fetch, consumers/ingest/offsets.py).
-            auto_offset_reset="none",
-            session_timeout_ms=s.kafka_session_timeout_ms,
-            heartbeat_interval_ms=max(500, s.kafka_session_timeout_ms // 5),
-            max_partition_fetch_bytes=2 * 1024 * 1024,
-            fetch_max_bytes=min(32 * 1024 * 1024, s.max_inflight_bytes),
-        )
-        consumer.subscribe([s.topic], listener=_Listener(self))
-        await self._until_stopped("connect_kafka_consumer", "kafka", consumer.start)
-        self._consumer = consumer
-        stack.push_async_callback(self._bounded_stop, "consumer", consumer.stop)
-        return True
-
-    async def _bounded_stop(self, name: str, stop: Callable[[], Awaitable[None]]) -> None:
-        """Close a Kafka client without letting it hold the exit: stuck in a group join, aiokafka's
-        stop waits out its request timeout (40 s), past the pod's grace. Everything it could still
-        do is already durable or will be redone by the next owner."""
-        try:
-            await asyncio.wait_for(stop(), _CLIENT_STOP_TIMEOUT_S)
-        except TimeoutError:
-            log.warning("kafka client did not stop in time; exiting anyway", extra={"client": name})
-
-    async def _close_pool(self, pool: asyncpg.Pool) -> None:
-        try:
-            await asyncio.wait_for(pool.close(), _CLIENT_STOP_TIMEOUT_S)
-        except TimeoutError:
-            log.warning("postgres pool did not close in time; terminating its connections")
-            pool.terminate()
-
     async def _until_stopped(self, operation: str, dependency: str, call: Callable[[], Awaitable[T]]) -> T:
         """A start-up call, retried while its dependency is unavailable; Stopped if told to stop."""
         if self._stop.is_set():
@@ -261,8 +219,7 @@ class IngestWorker:
         """Finish (or abandon) the in-flight flush and then the open batch within the grace period."""
         deadline = time.monotonic() + self.settings.shutdown_grace_s
         await self._finish_flush(deadline - time.monotonic())
-        stopped_by_error = self._dlq_tripped is not None or self._fatal is not None
-        if len(self._buffer) and not stopped_by_error and self._consumer is not None:
+        if len(self._buffer) and not self._ready.stopped_by_error and self._consumer is not None:
             remaining = deadline - time.monotonic()
             if remaining > 0:
                 self._start_flush(self._buffer.take())
@@ -308,7 +265,7 @@ class IngestWorker:
                 self.metrics.events_consumed.inc(self._buffer.add(tp.partition, batch))
             if self._flush_task is not None and self._flush_task.done():
                 await self._reap_flush()
-            if self._flush_task is None and self._dlq_tripped is None and self._buffer.due():
+            if self._flush_task is None and self._ready.dlq_tripped is None and self._buffer.due():
                 self._start_flush(self._buffer.take())
             self._update_lag(consumer)
 
@@ -348,7 +305,7 @@ class IngestWorker:
         held = self._buffer.size_bytes + in_flight
         self.metrics.inflight_bytes.set(held)
         pause = (
-            self._dlq_tripped is not None
+            self._ready.dlq_tripped is not None
             or (self._flush_task is not None and self._buffer.full())
             or held >= self.settings.max_inflight_bytes
         )
@@ -372,7 +329,9 @@ class IngestWorker:
             return  # abandoned at a drain deadline; flush() counted its orphaned uploads
         exc = task.exception()
         if exc is None:
-            await self._after_commit(batch, task.result())
+            for r in batch.ranges:
+                self._committed[r.partition] = r.end
+            record_batch(self.metrics, batch, task.result())
         elif isinstance(exc, Fenced):
             self.metrics.fenced_batches.inc()
             log.warning(
@@ -381,7 +340,8 @@ class IngestWorker:
             )
             await self._reset_positions()
         elif isinstance(exc, DeadLetterLimitExceeded):
-            self._dlq_tripped = str(exc)
+            self._ready.dlq_tripped = str(exc)
+            self._ready.refresh()
             self.metrics.dlq_limit_tripped.set(1)
             log.error("dead-letter limit exceeded", extra={"reason": str(exc)})
         else:
@@ -391,9 +351,9 @@ class IngestWorker:
 
     def _stop_fatally(self, exc: BaseException) -> None:
         operation = exc.operation if isinstance(exc, PermanentError) else "flush"
-        self._fatal = f"stopped by a permanent error in {operation}: {type(exc).__name__}: {exc}"
+        self._ready.fatal = f"stopped by a permanent error in {operation}: {type(exc).__name__}: {exc}"
+        self._ready.refresh()
         self.metrics.fatal_errors.labels(operation).inc()
-        self.metrics.ready.set(0)
         self.exit_code = 1
         log.error("permanent error: stopping the worker", exc_info=exc, extra={"operation": operation})
         self.request_stop()
@@ -405,42 +365,6 @@ class IngestWorker:
             return
         exc = task.exception()
         self._stop_fatally(exc if exc is not None else RuntimeError("background job returned"))
-
-    async def _after_commit(self, batch: Batch, report: FlushReport) -> None:
-        m = self.metrics
-        outcome = report.outcome
-        for r in batch.ranges:
-            self._committed[r.partition] = r.end
-        m.events_indexed.inc(len(outcome.new_events))
-        m.events_duplicate.inc(outcome.duplicates + report.in_batch_duplicates)
-        m.objects_written.inc(len(report.objects))
-        m.object_bytes_written.inc(sum(report.objects))
-        for size in report.objects:
-            m.object_size_bytes.observe(size)
-        for letter in report.letters:
-            m.events_dead_lettered.labels(letter.reason).inc()
-        m.batch_events.observe(report.messages)
-        m.last_commit_timestamp.set(outcome.committed_at.timestamp())
-        for stage, seconds in report.stage_seconds.items():
-            m.flush_stage_duration.labels(stage).observe(seconds)
-        committed = outcome.committed_at
-        freshness = m.freshness
-        for event in outcome.new_events:
-            freshness.observe((committed - event.started_at).total_seconds())
-
-        log.info(
-            "batch committed",
-            extra={
-                "ranges": [(r.partition, r.start, r.end) for r in batch.ranges],
-                "messages": report.messages,
-                "indexed": len(outcome.new_events),
-                "duplicates": outcome.duplicates + report.in_batch_duplicates,
-                "invalid": report.invalid,
-                "objects": len(report.objects),
-                "object_bytes": sum(report.objects),
-                "stage_ms": {k: round(v * 1000, 1) for k, v in report.stage_seconds.items()},
-            },
-        )
 
     async def _commit_kafka(self, batch: Batch) -> None:
         """The flush's last step: Kafka's committed offsets follow PostgreSQL's, for lag tools.
@@ -487,7 +411,8 @@ class IngestWorker:
             self._stop_fatally(exc)
             return
         self._seek(positions)
-        self._assigned_once = True
+        self._ready.assigned_once = True
+        self._ready.refresh()
         log.info("partitions assigned", extra={"positions": positions})
 
     async def _reset_positions(self) -> None:
@@ -546,20 +471,5 @@ class IngestWorker:
 
     # ---- health ---------------------------------------------------------------------------------
 
-    def _set_dependency(self, name: str, ok: bool) -> None:
-        if self._dependencies.get(name) != ok:
-            self._dependencies[name] = ok
-            self.metrics.dependency_up.labels(name).set(1 if ok else 0)
-        self.metrics.ready.set(1 if self._readiness()[0] else 0)
-
     def _readiness(self) -> tuple[bool, str]:
-        if self._fatal is not None:
-            return False, self._fatal
-        if self._dlq_tripped is not None:
-            return False, self._dlq_tripped
-        down = sorted(name for name, ok in self._dependencies.items() if not ok)
-        if down:
-            return False, "dependency down: " + ", ".join(down)
-        if not self._started or not self._assigned_once:
-            return False, "joining the consumer group"
-        return True, "ready"
+        return self._ready.state()
