@@ -37,7 +37,7 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 
-from pipeline.contract import ValidationPolicy, ValidEvent, validate_event
+from pipeline.contract import ValidationPolicy, ValidEvent, generate_schema, load_schema, validate_event
 from pipeline.sdk import EventProducer, GatewayRequestEvent, RedactionConfig
 
 assert EventProducer and RedactionConfig  # the whole SDK imports
@@ -56,6 +56,7 @@ assert isinstance(result, ValidEvent), result
 assert result.event_id == event.event_id and result.status_code == 200
 heavy = {"numpy", "asyncpg", "aioboto3", "isal", "click", "pydantic"} & set(sys.modules)
 assert not heavy, heavy
+assert load_schema() == generate_schema()  # the published schema ships in the wheel
 print("ok", result.event_id)
 """
 
