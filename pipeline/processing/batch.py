@@ -31,7 +31,6 @@ class Batch:
     messages: list[Message]
     ranges: list[PartitionRange]
     size_bytes: int
-    opened_at: float
 
     @property
     def partitions(self) -> list[int]:
@@ -110,7 +109,7 @@ class BatchBuffer:
         for partition, last in sorted(self._last_offset.items()):
             ranges.append(PartitionRange(partition, self.positions[partition], last + 1))
             self.positions[partition] = last + 1
-        batch = Batch(self._messages, ranges, self._bytes, self._opened_at or self.clock())
+        batch = Batch(self._messages, ranges, self._bytes)
         self._messages = []
         self._last_offset = {}
         self._bytes = 0

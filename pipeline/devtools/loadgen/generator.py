@@ -1,6 +1,6 @@
 """Deterministic synthetic gateway traffic (`omnilog produce`, tests, the benchmark).
 
-`generate(config)` yields `Message`s (key, value bytes, and what the message is: a valid event seen
+`generate(config)` yields `GeneratedMessage`s (key, value bytes, and what the message is: a valid event seen
 for the first time, a byte-identical re-send of an earlier one, or an invalid message of a named
 kind). The same config gives the same bytes: all randomness comes from one numpy generator seeded
 with `config.seed`, and every timestamp derives from `config.base_time`. A shorter run is a prefix of
@@ -117,7 +117,7 @@ class EventFacts:
 
 
 @dataclass(frozen=True, slots=True)
-class Message:
+class GeneratedMessage:
     key: bytes
     value: bytes
     kind: MessageKind
@@ -126,7 +126,7 @@ class Message:
     facts: EventFacts | None = None  # valid messages only
 
 
-def generate(config: LoadConfig) -> Iterator[Message]:
+def generate(config: LoadConfig) -> Iterator[GeneratedMessage]:
     """The messages of `config`, in order."""
     return _Generator(config).messages()
 
@@ -227,7 +227,7 @@ class _Generator:
         self.headers = [self._headers(i) for i in range(_POOL)]
         self.timestamps = _Timestamps()
         self.base_ms = _epoch_ms(c.base_time)
-        self.recent: deque[Message] = deque(maxlen=_DUPLICATE_WINDOW)
+        self.recent: deque[GeneratedMessage] = deque(maxlen=_DUPLICATE_WINDOW)
 
     # Pools, built once from the seeded generator.
 
@@ -324,7 +324,7 @@ class _Generator:
 
     # The stream.
 
-    def messages(self) -> Iterator[Message]:
+    def messages(self) -> Iterator[GeneratedMessage]:
         remaining = self.config.count
         while remaining is None or remaining > 0:
             for message in self._chunk():
@@ -334,7 +334,7 @@ class _Generator:
                     if remaining == 0:
                         return
 
-    def _chunk(self) -> Iterator[Message]:
+    def _chunk(self) -> Iterator[GeneratedMessage]:
         rng, c, n = self.rng, self.config, _CHUNK
         kind_u = rng.random(n).tolist()
         org = rng.choice(c.orgs, size=n, p=self.org_p).tolist()
@@ -370,7 +370,7 @@ class _Generator:
             u = kind_u[i]
             if invalid_cut <= u < duplicate_cut and self.recent:
                 earlier = self.recent[int(pick_u[i] * len(self.recent))]
-                yield Message(earlier.key, earlier.value, "duplicate", event_id=earlier.event_id)
+                yield GeneratedMessage(earlier.key, earlier.value, "duplicate", event_id=earlier.event_id)
                 continue
             o, s, m = org[i], server[i], method[i]
             profile = model.METHODS[m]
@@ -429,13 +429,13 @@ class _Generator:
             key = self.keys[o][s]
             if u < invalid_cut:
                 kind = INVALID_KINDS[invalid_i[i]]
-                yield Message(key, _break(kind, event, variant_u[i]), "invalid", invalid_kind=kind)
+                yield GeneratedMessage(key, _break(kind, event, variant_u[i]), "invalid", invalid_kind=kind)
                 continue
             facts = EventFacts(
                 self.orgs[o], self.servers[o][s], profile.name, started, duration, status_code >= 400,
                 bytes_in, event["bytes_out"], late, *facts_usage,
             )  # fmt: skip
-            message = Message(key, value, "valid", event_id=event_id, facts=facts)
+            message = GeneratedMessage(key, value, "valid", event_id=event_id, facts=facts)
             self.recent.append(message)
             yield message
 

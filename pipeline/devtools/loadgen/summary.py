@@ -25,7 +25,7 @@ from typing import Any, Final
 import numpy as np
 import orjson
 
-from pipeline.devtools.loadgen.generator import EventFacts, LoadConfig, Message
+from pipeline.devtools.loadgen.generator import EventFacts, GeneratedMessage, LoadConfig
 
 FORMAT: Final = "omnilog-loadgen-summary/1"
 QUANTILES: Final = (0.5, 0.95, 0.99)
@@ -68,7 +68,7 @@ class SummaryBuilder:
     _late: int = 0
     _usage: list[EventFacts] = field(default_factory=list)
 
-    def add(self, message: Message) -> None:
+    def add(self, message: GeneratedMessage) -> None:
         self.total += 1
         self.value_bytes += len(message.value)
         if message.kind == "duplicate":
@@ -220,7 +220,7 @@ def _iso(epoch_ms: int) -> str:
     return datetime.fromtimestamp(epoch_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def summarize(messages: Iterable[Message], config: LoadConfig | None = None) -> dict[str, Any]:
+def summarize(messages: Iterable[GeneratedMessage], config: LoadConfig | None = None) -> dict[str, Any]:
     builder = SummaryBuilder(config)
     for message in messages:
         builder.add(message)
