@@ -11,7 +11,7 @@ import click
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
-from consumers.ingest.flush import REUPLOAD_AFTER_S
+from pipeline.processing.flush import REUPLOAD_AFTER_S
 from pipeline.settings import Settings, load_settings
 from sinks.janitor import expire_objects, sweep_orphans
 from sinks.objects import s3_client
