@@ -145,7 +145,7 @@ class WorkerMetrics:
         self.aggregate_parts_merged = Counter(
             "omnilog_aggregate_parts_merged_total", "Aggregate parts folded by the merger", registry=registry
         )
-        # One retry policy for the whole worker (consumers/ingest/retry.py): every operation that
+        # One retry policy for the whole worker (pipeline/processing/retry.py): every operation that
         # retries a dependency counts its failed attempts here and says since when it has been failing.
         self.retry_attempts = Counter(
             "omnilog_retry_attempts_total",

@@ -273,7 +273,7 @@ class IngestWorker:
         """getmany, except when a fetch position no longer fits its log (OFFSET_OUT_OF_RANGE, or a
         high watermark below where the worker is): then the in-flight flush is finished (or
         abandoned at OMNILOG_REBALANCE_DRAIN_S), and every owned partition restarts from its stored
-        offset, fitted to its log by OMNILOG_OFFSET_OUT_OF_RANGE (consumers/ingest/offsets.py)."""
+        offset, fitted to its log by OMNILOG_OFFSET_OUT_OF_RANGE (consumers/ingest/offset_guard.py)."""
         try:
             records: dict[TopicPartition, list[Any]] = await consumer.getmany(
                 timeout_ms=100, max_records=self.settings.batch_max_events

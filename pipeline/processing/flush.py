@@ -6,7 +6,7 @@ Steps, each a small function below, each with a typed result:
 Why this order makes every offset land in exactly one place: pipeline/processing/offsets.py.
 Storage is reached only through the interfaces of pipeline/processing/store.py.
 
-Failure handling, decided by the worker's one retry policy (consumers/ingest/retry.py):
+Failure handling, decided by the worker's one retry policy (pipeline/processing/retry.py):
 - a dependency that is unavailable is retried, with backoff, for as long as it lasts: a flush never
   skips a message. Uploaded objects are kept across retries of the transaction, so a database
   outage does not multiply orphans; an upload held too long is renewed before the commit;
