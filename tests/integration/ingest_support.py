@@ -153,6 +153,19 @@ async def produce_traffic(
     return traffic
 
 
+async def produce_events(
+    settings: Settings, events: list[dict[str, Any]], partition: int = 0
+) -> dict[int, dict[str, Any]]:
+    """Send `events` to one partition, in order; returns offset -> the event sent there."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, linger_ms=5)
+    await producer.start()
+    try:
+        futures = [await producer.send(settings.topic, orjson.dumps(e), partition=partition) for e in events]
+        return {(await f).offset: e for f, e in zip(futures, events, strict=True)}
+    finally:
+        await producer.stop()
+
+
 async def stored_offsets(database_url: str, settings: Settings) -> dict[int, int]:
     conn = await asyncpg.connect(database_url)
     try:

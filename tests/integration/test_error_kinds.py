@@ -9,26 +9,20 @@ import random
 from datetime import UTC, datetime
 
 import asyncpg
-import orjson
 import pytest
-from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from consumers.ingest.factory import build_worker
 from sinks.migrate import migrate
-from tests.integration.ingest_support import create_topic, make_event, read_dead_letters, wait_caught_up
+from tests.integration.ingest_support import (
+    create_topic,
+    make_event,
+    produce_events,
+    read_dead_letters,
+    wait_caught_up,
+)
 
 pytestmark = pytest.mark.integration
-
-
-async def _produce(settings, events: list[dict]) -> dict[int, dict]:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, linger_ms=5)
-    await producer.start()
-    try:
-        futures = [await producer.send(settings.topic, orjson.dumps(e), partition=0) for e in events]
-        return {(await f).offset: e for f, e in zip(futures, events, strict=True)}
-    finally:
-        await producer.stop()
 
 
 async def test_a_row_postgres_refuses_is_dead_lettered_and_the_rest_commits(
@@ -50,7 +44,7 @@ async def test_a_row_postgres_refuses_is_dead_lettered_and_the_rest_commits(
     events = [make_event(rng, now) for _ in range(300)]
     for i in (17, 150, 151, 299):
         events[i]["status_code"] = 418
-    sent = await _produce(settings, events)
+    sent = await produce_events(settings, events)
     teapots = {offset for offset, e in sent.items() if e["status_code"] == 418}
 
     registry = CollectorRegistry()
@@ -89,7 +83,7 @@ async def test_an_error_no_message_explains_stops_the_worker(fresh_database_url,
     finally:
         await conn.close()
     rng = random.Random(4)
-    sent = await _produce(settings, [make_event(rng, datetime.now(UTC)) for _ in range(50)])
+    sent = await produce_events(settings, [make_event(rng, datetime.now(UTC)) for _ in range(50)])
 
     registry = CollectorRegistry()
     worker = build_worker(settings, registry=registry)

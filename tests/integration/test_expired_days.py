@@ -8,9 +8,7 @@ import random
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
-import orjson
 import pytest
-from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from consumers.ingest.factory import build_worker
@@ -18,19 +16,15 @@ from sinks.index import Horizon
 from sinks.migrate import migrate
 from sinks.partitions import drop_expired
 from sinks.retention import lock_horizon
-from tests.integration.ingest_support import create_topic, make_event, read_dead_letters, wait_caught_up
+from tests.integration.ingest_support import (
+    create_topic,
+    make_event,
+    produce_events,
+    read_dead_letters,
+    wait_caught_up,
+)
 
 pytestmark = pytest.mark.integration
-
-
-async def _send(settings, events: list[dict]) -> dict[int, dict]:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, linger_ms=5)
-    await producer.start()
-    try:
-        futures = [await producer.send(settings.topic, orjson.dumps(e), partition=0) for e in events]
-        return {(await f).offset: e for f, e in zip(futures, events, strict=True)}
-    finally:
-        await producer.stop()
 
 
 def _at(rng: random.Random, start: datetime, count: int) -> list[dict]:
@@ -81,7 +75,7 @@ async def test_events_of_a_dropped_day_are_expired_and_the_day_stays_dropped(
     conn = await asyncpg.connect(fresh_database_url)
     try:
         # The worker indexes events of the old day: their partition exists and is in its cache.
-        first = await _send(settings, _at(rng, old_day, 50) + _at(rng, recent, 50))
+        first = await produce_events(settings, _at(rng, old_day, 50) + _at(rng, recent, 50))
         await wait_caught_up(fresh_database_url, settings, {0: max(first) + 1}, timeout=60)
         old_partition = next(p for p in await _partitions(conn) if old_day.strftime("%Y%m%d") in p)
 
@@ -90,7 +84,7 @@ async def test_events_of_a_dropped_day_are_expired_and_the_day_stays_dropped(
         assert old_day.date() in dropped
         assert old_partition not in await _partitions(conn)
 
-        second = await _send(settings, _at(rng, old_day, 30) + _at(rng, recent, 30))
+        second = await produce_events(settings, _at(rng, old_day, 30) + _at(rng, recent, 30))
         await wait_caught_up(fresh_database_url, settings, {0: max(second) + 1}, timeout=60)
         assert old_partition not in await _partitions(conn), "an expired day was re-created"
         indexed = {r[0] for r in await conn.fetch("SELECT id::text FROM log_index")}
