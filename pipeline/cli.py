@@ -34,6 +34,8 @@ _COMMANDS: dict[str, str] = {
     "schema": "pipeline.commands.schema:command",
     "demo": "pipeline.commands.demo:command",
     "bench": "pipeline.commands.bench:command",
+    "serve": "pipeline.commands.serve:command",
+    "keys": "pipeline.commands.keys:command",
 }
 
 

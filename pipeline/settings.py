@@ -115,6 +115,22 @@ class Settings(BaseSettings):
 
     log_level: str = Field("INFO", validation_alias=_env("OMNILOG_LOG_LEVEL"))
 
+    # The read API (`omnilog serve`, docs/security.md). It connects as its own role (member of
+    # omnilog_api: owns nothing, NOBYPASSRLS), never as the owner the worker uses.
+    api_database_url: SecretStr = Field(
+        SecretStr("postgresql://omnilog_api@127.0.0.1:5432/omnilog"),
+        validation_alias=_env("OMNILOG_API_DATABASE_URL"),
+    )
+    api_host: str = Field("127.0.0.1", validation_alias=_env("OMNILOG_API_HOST"), min_length=1)
+    api_port: int = Field(8080, validation_alias=_env("OMNILOG_API_PORT"), ge=0, le=65535)
+    api_pool_size: int = Field(10, validation_alias=_env("OMNILOG_API_POOL_SIZE"), ge=1, le=200)
+    api_max_page_size: int = Field(1000, validation_alias=_env("OMNILOG_API_MAX_PAGE_SIZE"), ge=1, le=10_000)
+    api_max_range_days: int = Field(31, validation_alias=_env("OMNILOG_API_MAX_RANGE_DAYS"), ge=1, le=3660)
+    api_request_timeout_s: float = Field(10.0, validation_alias=_env("OMNILOG_API_REQUEST_TIMEOUT_S"), gt=0)
+    api_max_body_bytes: int = Field(16 * 1024, validation_alias=_env("OMNILOG_API_MAX_BODY_BYTES"), ge=0)
+    api_rate_per_s: float = Field(20.0, validation_alias=_env("OMNILOG_API_RATE_PER_S"), gt=0)
+    api_rate_burst: int = Field(100, validation_alias=_env("OMNILOG_API_RATE_BURST"), ge=1)
+
     @field_validator("kafka_bootstrap_servers")
     @classmethod
     def _bootstrap_hosts(cls, value: str) -> str:
@@ -124,7 +140,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"expected host:port[,host:port...], got {hostport.strip()!r}")
         return value
 
-    @field_validator("database_url")
+    @field_validator("database_url", "api_database_url")
     @classmethod
     def _postgres_url(cls, value: SecretStr) -> SecretStr:
         if not value.get_secret_value().startswith(("postgresql://", "postgres://")):

@@ -38,6 +38,8 @@ class QueryFilter:
     session_id: str | None = None
     rpc_method: str | None = None
     level: str | None = None
+    user_id: str | None = None
+    status_code: int | None = None
     errors_only: bool = False
     since: datetime | None = None
     until: datetime | None = None
@@ -84,6 +86,10 @@ async def query_index(
         add("rpc_method = {}", flt.rpc_method)
     if flt.level:
         add("level = {}::log_level_enum", flt.level)
+    if flt.user_id is not None:
+        add("user_id = {}", flt.user_id)
+    if flt.status_code is not None:
+        add("status_code = {}", flt.status_code)
     if flt.errors_only:
         where.append("error_flag")
     if flt.since:
