@@ -105,7 +105,11 @@ Window = Annotated[Literal["hourly", "daily"], Query()]
 
 
 def _utc(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    """In UTC (naive means UTC); 400 for a time that leaves the representable range in UTC."""
+    try:
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    except OverflowError:
+        raise ApiProblem(400, "invalid-time", "time out of range") from None
 
 
 def time_range(since: datetime | None, until: datetime | None, max_days: int) -> tuple[datetime, datetime]:
@@ -131,6 +135,7 @@ def _checked_cursor(cursor: str) -> str:
         raise ApiProblem(400, "invalid-cursor", "not a cursor returned by this API") from None
     if started.tzinfo is None:
         raise ApiProblem(400, "invalid-cursor", "not a cursor returned by this API")
+    _utc(started)
     return cursor
 
 
@@ -161,6 +166,7 @@ _PROBLEMS: dict[int | str, dict[str, Any]] = {
         (413, "Request body too large"),
         (429, "Rate limit of the key exceeded"),
         (500, "Internal error"),
+        (503, "The database is unavailable"),
         (504, "The request took too long"),
     )
 }
@@ -313,13 +319,20 @@ def _routes(app: FastAPI, settings: Settings) -> None:
 
 
 def _problem_media_types(document: dict[str, Any]) -> dict[str, Any]:
-    """Error responses are application/problem+json (FastAPI would say application/json)."""
+    """Error responses are application/problem+json (FastAPI would say application/json), and
+    invalid parameters are a 400 problem, not FastAPI's own 422 shape."""
     for path in document.get("paths", {}).values():
         for operation in path.values():
-            for status, response in operation.get("responses", {}).items():
-                content = response.get("content", {})
-                if status.isdigit() and int(status) >= 400 and "application/json" in content:
-                    content[problems.PROBLEM_MEDIA_TYPE] = content.pop("application/json")
+            responses = operation.get("responses", {})
+            responses.pop("422", None)
+            for status, response in responses.items():
+                if status.isdigit() and int(status) >= 400:
+                    response["content"] = {
+                        problems.PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}
+                    }
+    schemas = document.get("components", {}).get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
     return document
 
 
@@ -334,6 +347,31 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
         routes=app.routes,
     )
     return _problem_media_types(document)
+
+
+def _database_problems(app: FastAPI) -> None:
+    """PostgreSQL cancelling a query (statement_timeout) is the request's timeout; PostgreSQL
+    down or refusing connections is a 503 the client may retry. Neither says more than that."""
+
+    async def cancelled(request: Request, exc: Exception) -> Response:
+        return problems.problem_response(
+            504, "the request took too long", slug="timeout", instance=request.url.path
+        )
+
+    async def unavailable(request: Request, exc: Exception) -> Response:
+        log.warning("PostgreSQL unavailable: %s: %s", type(exc).__name__, exc)
+        return problems.problem_response(
+            503, "the database is unavailable", slug="unavailable", instance=request.url.path
+        )
+
+    app.add_exception_handler(asyncpg.QueryCanceledError, cancelled)
+    for kind in (
+        OSError,
+        asyncpg.PostgresConnectionError,
+        asyncpg.CannotConnectNowError,
+        asyncpg.TooManyConnectionsError,
+    ):
+        app.add_exception_handler(kind, unavailable)
 
 
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> FastAPI:
@@ -368,6 +406,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         title="Omnilog read API",
     )
     problems.install(app)
+    _database_problems(app)
     _routes(app, settings)
 
     @app.get("/metrics", include_in_schema=False)

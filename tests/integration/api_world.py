@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import gzip
 import random
+import threading
+import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import httpx
 import orjson
+import uvicorn
 from fastapi import FastAPI
 
 from pipeline.api.app import create_app
@@ -274,3 +277,29 @@ async def api_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 def app_for(world: World, **overrides: object) -> FastAPI:
     settings = world.settings.model_copy(update=overrides) if overrides else world.settings
     return create_app(settings)
+
+
+@dataclass
+class ServedApi:
+    url: str
+    server: uvicorn.Server
+    thread: threading.Thread
+
+
+@contextmanager
+def serve_in_thread(app: FastAPI) -> Iterator[ServedApi]:
+    """`app` behind a real uvicorn server on a free loopback port, in a thread with its own loop."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="api-under-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the API did not start")
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield ServedApi(f"http://127.0.0.1:{port}", server, thread)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
