@@ -31,6 +31,7 @@ _COMMANDS: dict[str, str] = {
     "ingest": "pipeline.commands.ingest:command",
     "logs": "pipeline.commands.logs:command",
     "aggregates": "pipeline.commands.aggregates:command",
+    "merge": "pipeline.commands.merge:command",
     "schema": "pipeline.commands.schema:command",
     "demo": "pipeline.commands.demo:command",
     "bench": "pipeline.commands.bench:command",

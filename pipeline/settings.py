@@ -109,9 +109,16 @@ class Settings(BaseSettings):
     )
 
     # Aggregates merger.
-    # A pass costs about the same however many batches dirtied a key (it re-reads all parts of the
-    # key), so passes are spaced: 4 s + the 2 s batch age still shows an event within 10 s.
+    # A pass costs what its deltas cost; spacing passes lets one rollup write absorb many batches'
+    # deltas, and 4 s + the 2 s batch age still shows an event within 10 s.
     merge_interval_s: float = Field(4.0, validation_alias=_env("OMNILOG_MERGE_INTERVAL_S"), gt=0)
+    # Mergers split the 64 organization slots into this many shards (docs/aggregates.md §3); a
+    # merger with OMNILOG_MERGE_SHARD works on that shard only, without it on every shard in turn.
+    merge_shards: int = Field(1, validation_alias=_env("OMNILOG_MERGE_SHARDS"), ge=1, le=64)
+    merge_shard: int | None = Field(None, validation_alias=_env("OMNILOG_MERGE_SHARD"), ge=0, le=63)
+    # The small setup: each worker also runs a merger, on its own thread. Off when `omnilog merge`
+    # runs as its own Deployment.
+    merger_in_worker: bool = Field(True, validation_alias=_env("OMNILOG_MERGER_IN_WORKER"))
 
     log_level: str = Field("INFO", validation_alias=_env("OMNILOG_LOG_LEVEL"))
 

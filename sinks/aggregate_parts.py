@@ -1,21 +1,28 @@
-"""Aggregate parts: a batch's new events grouped into per-key exact sums and a quantile sketch,
-merged into the part rows of the batch's source partition inside the batch transaction.
+"""Aggregate deltas: a batch's new events grouped into per-key exact sums and a quantile sketch,
+inserted as delta rows inside the batch transaction (insert-only: nothing is read or updated).
 
-A part is keyed by (window, key, source_partition). The source partition's owner is the only
-writer of its rows (the offset compare-and-set earlier in the transaction proves ownership and
-row-locks the partition's offset row, which serialises every transaction writing those parts), so
-a plain read, a merge in Python and one multi-row upsert are safe; the upsert still checks the
-version it read and fails the batch (which is retried) rather than overwrite a concurrent write.
+One delta row per (key, batch) and deltas table; the merger (sinks/merger.py) folds each into the
+rollup rows it touches exactly once and deletes it in the same transaction. The batch extension is
+given only the events its transaction indexed for the first time (sinks/index.py), so a re-sent or
+replayed event never makes a delta.
+
+Unique users stay exact and incremental: the batch inserts its (window, key, user) pairs into the
+hour and day user sets with ON CONFLICT DO NOTHING RETURNING, and only the users the set did not
+have yet are counted in the batch's deltas (`new_hour_users`, `new_day_users`).
+
+Every delta carries `slot`, a fixed hash of its organization (0..SLOTS-1): a merger shard is a set
+of slots, so all rollup rows of an organization are folded by one merger at a time.
 
 Key sentinels: the rollup tables use NULL for "all", so a missing server / project is stored as
 the nil UUID and a missing rpc_method / model / user_id as '' (see docs/aggregates.md).
 
 Sums are exact at any size: numpy adds int64 only when the batch cannot reach 2^63 (int64 wraps
-silently), Python integers do the rest, and the part rows store NUMERIC[] (migration 0005).
+silently), Python integers do the rest, and the delta rows store NUMERIC[] (migration 0005/0007).
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,7 +45,7 @@ NO_USER: Final = ""
 HOUR_S: Final = 3600
 DAY_S: Final = 86400
 
-# The order of `sums` in each parts table (0004_aggregate_parts.sql).
+# The order of `sums` in each deltas table (0007_aggregate_deltas.sql).
 LOG_SUMS: Final = ("total_requests", "error_requests", "total_bytes_in", "total_bytes_out")
 USAGE_SUMS: Final = (
     "request_count",
@@ -50,20 +57,22 @@ USAGE_SUMS: Final = (
     "total_cost_cents",
 )
 
+# usage_deltas also carry the users this batch added to the hour's and the day's user sets.
+USER_COUNTS: Final = ("new_hour_users", "new_day_users")
+USAGE_DELTA_SUMS: Final = (*USAGE_SUMS, *USER_COUNTS)
+
+# Deltas are spread over this many slots by organization; a merger shard is a set of slots.
+SLOTS: Final = 64
+
 IntMatrix = npt.NDArray[np.int64]
 
 # numpy's int64 additions wrap around silently past this.
 INT64_LIMIT: Final = 2**63
 
 
-class PartConflict(Exception):
-    """A part row changed between this batch's read and its write: another writer touched a row
-    this partition's owner should own alone. The batch rolls back and is retried."""
-
-
 @dataclass(slots=True)
 class Acc:
-    """Exact sums plus a duration/latency sketch: the value of a part or of a rollup row."""
+    """Exact sums plus a duration/latency sketch: the value of a delta or of a rollup row."""
 
     sums: list[int]
     sketch: QuantileSketch
@@ -111,51 +120,41 @@ def fold(items: Iterable[tuple[K, Acc]]) -> dict[K, Acc]:
 
 
 @dataclass(frozen=True, slots=True)
-class PartTable:
-    """A parts table: window_start, key columns, source_partition, sums[], sketch, versions."""
+class DeltaTable:
+    """A deltas table: id, slot, window_start, key columns, sums[] (NUMERIC), sketch."""
 
     name: str
     key_columns: tuple[str, ...]  # after window_start
     key_types: tuple[str, ...]  # PostgreSQL array element types for unnest
     sum_names: tuple[str, ...]
     alpha: float
-    sum_type: str = "numeric"  # of `sums[]`: NUMERIC since migration 0005 (exact past 2^63)
-
-    @property
-    def pk(self) -> tuple[str, ...]:
-        return ("window_start", *self.key_columns, "source_partition")
-
-    @property
-    def sum_wire_type(self) -> str:
-        """How sums travel between Python and PostgreSQL. NUMERIC goes as text: asyncpg's binary
-        NUMERIC path (a Decimal per value, both ways) added 5-7 ms to a 5 000-event batch's part
-        writes over BIGINT, text adds 2.5-3 ms (docs/aggregates.md). BIGINT (the layout before
-        migration 0005, kept for the benchmark's comparison) goes binary."""
-        return "text" if self.sum_type == "numeric" else self.sum_type
-
-    def wire_sums(self, values: Iterable[int]) -> list[int] | list[str]:
-        return [str(v) for v in values] if self.sum_wire_type == "text" else list(values)
 
 
-LOG_PARTS: Final = PartTable(
-    "log_aggregate_parts",
+LOG_DELTAS: Final = DeltaTable(
+    "log_aggregate_deltas",
     ("organization_id", "server_id", "rpc_method"),
     ("uuid", "uuid", "text"),
     LOG_SUMS,
     INTEGER_SAFE_ALPHA,  # the seed's p50/p95/p99 columns are INTEGER: see docs/aggregates.md
 )
-USAGE_PARTS: Final = PartTable(
-    "usage_parts", ("org_id", "project_id", "model"), ("uuid", "uuid", "text"), USAGE_SUMS, DEFAULT_ALPHA
+USAGE_DELTAS: Final = DeltaTable(
+    "usage_deltas",
+    ("org_id", "project_id", "model"),
+    ("uuid", "uuid", "text"),
+    USAGE_DELTA_SUMS,
+    DEFAULT_ALPHA,
 )
-USAGE_USER_PARTS: Final = PartTable(
-    "usage_user_parts",
+USAGE_USER_DELTAS: Final = DeltaTable(
+    "usage_user_deltas",
     ("org_id", "project_id", "model", "user_id"),
     ("uuid", "uuid", "text", "text"),
     USAGE_SUMS,
     DEFAULT_ALPHA,
 )
+DELTA_TABLES: Final = (LOG_DELTAS, USAGE_DELTAS, USAGE_USER_DELTAS)
 
-# A part key: (window start, *key column values). Windows are datetimes in UTC.
+# A key of a batch's part (one future delta row): (window start, *key column values).
+# Windows are datetimes in UTC.
 PartKey = tuple[object, ...]
 
 
@@ -234,7 +233,7 @@ def log_parts(events: Sequence[ValidEvent]) -> dict[PartKey, Acc]:
         len(events), len(LOG_SUMS)
     )
     durations = np.fromiter((e.duration_ms for e in events), dtype=np.float64, count=len(events))
-    return group(keys, durations, sums, LOG_PARTS.alpha)
+    return group(keys, durations, sums, LOG_DELTAS.alpha)
 
 
 def _usage_sums(events: Sequence[ValidEvent]) -> IntMatrix:
@@ -261,16 +260,19 @@ def usage_key(e: ValidEvent) -> tuple[str, str, str]:
 
 @dataclass(frozen=True, slots=True)
 class UsageParts:
-    hourly: dict[PartKey, Acc]  # (hour, org, project, model)
+    hourly: dict[PartKey, Acc]  # (hour, org, project, model): the 7 USAGE_SUMS
     daily_users: dict[PartKey, Acc]  # (day, org, project, model, user or NO_USER)
     hour_users: list[PartKey]  # (hour, org, project, model, user): real users only, sorted
+    # (day, org, project, model, user) -> the first hour of that day this batch saw the user in:
+    # a user new to the day is counted in that hour's delta (any hour of the day would do).
+    day_users: dict[PartKey, datetime]
 
 
 def usage_parts(events: Sequence[ValidEvent]) -> UsageParts:
     """Parts of the usage rollups, over the events that carry usage fields (`has_usage`)."""
     used = [e for e in events if e.has_usage]
     if not used:
-        return UsageParts({}, {}, [])
+        return UsageParts({}, {}, [], {})
     sums = _usage_sums(used)
     latency = np.fromiter((e.duration_ms for e in used), dtype=np.float64, count=len(used))
     epochs = [e.started_at.timestamp() for e in used]
@@ -286,70 +288,41 @@ def usage_parts(events: Sequence[ValidEvent]) -> UsageParts:
             if e.user_id
         }
     )
+    first_hour: dict[tuple[int, *tuple[object, ...]], int] = {}
+    for hour, *rest in users:  # sorted by hour first: setdefault keeps the earliest
+        first_hour.setdefault((window_start(hour, DAY_S), *rest), hour)
     return UsageParts(
-        hourly=group(hour_keys, latency, sums, USAGE_PARTS.alpha),
-        daily_users=group(user_keys, latency, sums, USAGE_USER_PARTS.alpha),
+        hourly=group(hour_keys, latency, sums, USAGE_DELTAS.alpha),
+        daily_users=group(user_keys, latency, sums, USAGE_USER_DELTAS.alpha),
         hour_users=[(_as_datetime(hour), *rest) for hour, *rest in users],
+        day_users={
+            (_as_datetime(day), *rest): _as_datetime(hour)
+            for (day, *rest), hour in sorted(first_hour.items())
+        },
     )
+
+
+def slot_of(organization_id: str) -> int:
+    """The delta slot of an organization: a fixed hash, the same in every process and release
+    (CRC-32 of the canonical UUID text), so every delta of an organization lands in one slot."""
+    return zlib.crc32(organization_id.encode()) % SLOTS
 
 
 # ---- writing (inside the batch transaction) --------------------------------------------------
 
 
-def _unnest_args(table: PartTable, first: int) -> tuple[str, str]:
-    """`unnest($first::timestamptz[], $..::<type>[], ...)` and its column alias list."""
-    types = ("timestamptz", *table.key_types)
-    params = ", ".join(f"${first + i}::{t}[]" for i, t in enumerate(types))
-    aliases = ", ".join(f"k{i}" for i in range(len(types)))
-    return params, aliases
-
-
-def _join_on(table: PartTable, alias: str = "p") -> str:
-    columns = ("window_start", *table.key_columns)
-    return " AND ".join(f"{alias}.{c} = k.k{i}" for i, c in enumerate(columns))
-
-
-def read_sql(table: PartTable) -> str:
-    params, aliases = _unnest_args(table, 1)
-    n = len(table.key_columns) + 1
+def insert_sql(table: DeltaTable) -> str:
+    """One multi-row INSERT of deltas from unnest arrays: slot, window, keys, sums as text, sketch."""
+    types = ("int", "timestamptz", *table.key_types, *(["text"] * len(table.sum_names)), "bytea")
+    params = ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(types))
+    keys = [f"k{i}" for i in range(len(table.key_columns) + 1)]
+    sums = [f"s{i}" for i in range(len(table.sum_names))]
+    columns = ", ".join(("slot", "window_start", *table.key_columns, "sums", "sketch"))
     return (
-        f"SELECT k.ord, p.sums::{table.sum_wire_type}[] AS sums, p.sketch, p.version "
-        f"FROM unnest({params}) WITH ORDINALITY AS k({aliases}, ord) "
-        f"JOIN {table.name} p ON {_join_on(table)} AND p.source_partition = ${n + 1}"
+        f"INSERT INTO {table.name} ({columns}) "
+        f"SELECT sl, {', '.join(keys)}, ARRAY[{', '.join(sums)}]::numeric[], sk "
+        f"FROM unnest({params}) AS d(sl, {', '.join(keys + sums)}, sk)"
     )
-
-
-def upsert_sql(table: PartTable) -> str:
-    n_keys = len(table.key_columns) + 1
-    n_sums = len(table.sum_names)
-    params, _ = _unnest_args(table, 1)
-    sum_params = ", ".join(f"${n_keys + 1 + i}::{table.sum_wire_type}[]" for i in range(n_sums))
-    sketch_p, version_p, partition_p = n_keys + n_sums + 1, n_keys + n_sums + 2, n_keys + n_sums + 3
-    aliases = [f"k{i}" for i in range(n_keys)]
-    sum_aliases = [f"s{i}" for i in range(n_sums)]
-    columns = ", ".join(("window_start", *table.key_columns, "source_partition", "sums", "sketch", "version"))
-    return (
-        f"INSERT INTO {table.name} AS p ({columns}) "
-        f"SELECT {', '.join(aliases)}, ${partition_p}::int, "
-        f"ARRAY[{', '.join(sum_aliases)}]::{table.sum_type}[], sk, ver "
-        f"FROM unnest({params}, {sum_params}, ${sketch_p}::bytea[], ${version_p}::bigint[]) "
-        f"AS k({', '.join(aliases + sum_aliases)}, sk, ver) "
-        f"ON CONFLICT ({', '.join(table.pk)}) DO UPDATE "
-        "SET sums = EXCLUDED.sums, sketch = EXCLUDED.sketch, version = EXCLUDED.version, updated_at = now() "
-        "WHERE p.version = EXCLUDED.version - 1 "
-        "RETURNING 1"
-    )
-
-
-_SQL_CACHE: dict[tuple[str, str], str] = {}
-
-
-def _sql(kind: str, table: PartTable) -> str:
-    found = _SQL_CACHE.get((kind, table.name))
-    if found is None:
-        found = read_sql(table) if kind == "read" else upsert_sql(table)
-        _SQL_CACHE[(kind, table.name)] = found
-    return found
 
 
 def key_columns(keys: Sequence[PartKey]) -> list[list[object]]:
@@ -359,56 +332,59 @@ def key_columns(keys: Sequence[PartKey]) -> list[list[object]]:
     return [list(column) for column in zip(*keys, strict=True)]
 
 
-async def merge_into_parts(
-    conn: Connection, table: PartTable, partition: int, parts: dict[PartKey, Acc]
-) -> None:
-    """Add `parts` into this partition's part rows: read, merge in Python, one upsert."""
-    if not parts:
+async def insert_deltas(conn: Connection, table: DeltaTable, deltas: dict[PartKey, Acc]) -> None:
+    """Insert one delta row per key of `deltas` (key = (window, *key columns); the org is key[1])."""
+    if not deltas:
         return
-    # Sorted keys: a stable row order for the upsert's locks (no deadlock with the merger's marks).
-    keys = sorted(parts, key=lambda k: tuple(str(v) for v in k))
-    columns = key_columns(keys)
-    versions = [1] * len(keys)
-    for row in await conn.fetch(_sql("read", table), *columns, partition):
-        i = row["ord"] - 1
-        parts[keys[i]].merge(Acc.decode(row["sums"], row["sketch"]))
-        versions[i] = row["version"] + 1
-    accs = [parts[k] for k in keys]
-    sums = [table.wire_sums(a.sums[j] for a in accs) for j in range(len(table.sum_names))]
-    written = await conn.fetch(
-        _sql("upsert", table),
-        *columns,
+    keys = list(deltas)
+    accs = list(deltas.values())
+    sums = [[str(a.sums[j]) for a in accs] for j in range(len(table.sum_names))]
+    await conn.execute(
+        insert_sql(table),
+        [slot_of(str(k[1])) for k in keys],
+        *key_columns(keys),
         *sums,
         [a.sketch.to_bytes() for a in accs],
-        versions,
-        partition,
     )
-    if len(written) != len(keys):
-        raise PartConflict(
-            f"{table.name}: {len(keys) - len(written)} part rows of partition {partition} changed "
-            "under this batch; retrying"
-        )
 
 
-_INSERT_HOUR_USERS = """
-INSERT INTO usage_hour_users (window_start, org_id, project_id, model, user_id, source_partition)
-SELECT w, o, p, m, u, $6::int FROM unnest($1::timestamptz[], $2::uuid[], $3::uuid[], $4::text[], $5::text[])
-    AS k(w, o, p, m, u)
-ON CONFLICT DO NOTHING
-"""
+def _insert_users_sql(table: str) -> str:
+    # Sorted input and one insert order for every batch (hour set, then day set): batches that
+    # wait on each other's new users cannot deadlock. RETURNING gives only the rows inserted.
+    return (
+        f"INSERT INTO {table} (window_start, org_id, project_id, model, user_id) "
+        "SELECT * FROM unnest($1::timestamptz[], $2::uuid[], $3::uuid[], $4::text[], $5::text[]) "
+        "ON CONFLICT DO NOTHING "
+        "RETURNING window_start, org_id::text AS org_id, project_id::text AS project_id, model, user_id"
+    )
 
 
-async def insert_hour_users(conn: Connection, partition: int, users: Sequence[PartKey]) -> None:
-    if users:
-        await conn.execute(_INSERT_HOUR_USERS, *key_columns(users), partition)
+_INSERT_HOUR_USERS: Final = _insert_users_sql("usage_hour_users")
+_INSERT_DAY_USERS: Final = _insert_users_sql("usage_day_users")
 
 
-class AggregatePartsWriter:
-    """The batch extension writing log and usage aggregate parts (see module docstring)."""
+async def count_new_users(conn: Connection, usage: UsageParts) -> dict[PartKey, Acc]:
+    """The hourly usage deltas with their last two sums: users new to the hour's and to the day's
+    set. The user sets' unique index makes a concurrent batch with the same new user wait for
+    this one, then find it there: each user is new in exactly one committed batch."""
+    hourly = {k: Acc([*a.sums, 0, 0], a.sketch) for k, a in usage.hourly.items()}
+    if usage.hour_users:
+        for row in await conn.fetch(_INSERT_HOUR_USERS, *key_columns(usage.hour_users)):
+            hourly[(row["window_start"], row["org_id"], row["project_id"], row["model"])].sums[-2] += 1
+    if usage.day_users:
+        day_keys = list(usage.day_users)
+        for row in await conn.fetch(_INSERT_DAY_USERS, *key_columns(day_keys)):
+            key = (row["window_start"], row["org_id"], row["project_id"], row["model"], row["user_id"])
+            hour = usage.day_users[key]
+            hourly[(hour, row["org_id"], row["project_id"], row["model"])].sums[-1] += 1
+    return hourly
+
+
+class AggregateDeltasWriter:
+    """The batch extension inserting log and usage aggregate deltas (see module docstring)."""
 
     async def write(self, conn: Connection, new_events: Sequence[ValidEvent], source_partition: int) -> None:
-        await merge_into_parts(conn, LOG_PARTS, source_partition, log_parts(new_events))
+        await insert_deltas(conn, LOG_DELTAS, log_parts(new_events))
         usage = usage_parts(new_events)
-        await merge_into_parts(conn, USAGE_PARTS, source_partition, usage.hourly)
-        await merge_into_parts(conn, USAGE_USER_PARTS, source_partition, usage.daily_users)
-        await insert_hour_users(conn, source_partition, usage.hour_users)
+        await insert_deltas(conn, USAGE_DELTAS, await count_new_users(conn, usage))
+        await insert_deltas(conn, USAGE_USER_DELTAS, usage.daily_users)

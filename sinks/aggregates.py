@@ -1,8 +1,9 @@
 """Aggregates: the pieces the ingest worker plugs in, and the read side of the rollups.
 
-- `build_extensions()`: the batch extensions (usage rows, aggregate parts), run inside the batch
+- `build_extensions()`: the batch extensions (usage rows, aggregate deltas), run inside the batch
   transaction on the events seen for the first time (sinks/usage.py, sinks/aggregate_parts.py);
-- `build_merger(settings)`: the background merger of a worker (sinks/merger.py);
+- `build_merger_loop(settings)`: the merger loop of `omnilog merge` (sinks/merger.py);
+- `build_merger(settings)`: a worker's in-process merger, on a thread of its own;
 - `query_log_aggregates` / `query_usage`: rows for `omnilog aggregates show`.
 
 Design, key sentinels, error bounds and measurements: docs/aggregates.md.
@@ -19,10 +20,10 @@ from typing import Any, Literal
 import asyncpg
 
 from pipeline.settings import Settings
-from sinks.aggregate_parts import NO_METHOD, NO_PROJECT, NO_SERVER, NO_USER, AggregatePartsWriter
+from sinks.aggregate_parts import NO_METHOD, NO_PROJECT, NO_SERVER, NO_USER, AggregateDeltasWriter
 from sinks.db import Connection
 from sinks.index import BatchExtension
-from sinks.merger import MergerLoop, merge_pass, merge_until_clean
+from sinks.merger import MergerLoop, MergerThread, merge_pass, merge_until_clean, shards_of
 from sinks.usage import UsageRowsWriter
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "AggregatesQuery",
     "build_extensions",
     "build_merger",
+    "build_merger_loop",
     "merge_pass",
     "merge_until_clean",
     "query_log_aggregates",
@@ -44,13 +46,23 @@ Level = Literal["org", "server", "method"]
 
 
 def build_extensions() -> list[BatchExtension]:
-    return [UsageRowsWriter(), AggregatePartsWriter()]
+    return [UsageRowsWriter(), AggregateDeltasWriter()]
 
 
-def build_merger(settings: Settings) -> MergerLoop:
+def build_merger_loop(settings: Settings) -> MergerLoop:
+    """The merger loop of the settings' shard (OMNILOG_MERGE_SHARD of OMNILOG_MERGE_SHARDS), or of
+    every shard in turn when no shard index is set. ValueError for an index out of range."""
     return MergerLoop(
-        settings.merge_interval_s, settings.max_event_age_days, retry_max_s=settings.retry_max_s
+        settings.merge_interval_s,
+        settings.max_event_age_days,
+        retry_max_s=settings.retry_max_s,
+        shards=shards_of(settings.merge_shards, settings.merge_shard),
     )
+
+
+def build_merger(settings: Settings) -> MergerThread:
+    """A worker's background merger: the loop on a thread and event loop of its own."""
+    return MergerThread(build_merger_loop(settings), settings.database_url.get_secret_value())
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,39 +1,42 @@
-"""The aggregates merger: folds changed parts into `log_aggregates` and the usage rollups.
+"""The aggregates merger: folds insert-only deltas into `log_aggregates` and the usage rollups,
+each delta exactly once, at a cost proportional to the deltas (docs/aggregates.md §3).
 
-One pass is one transaction under `pg_try_advisory_xact_lock` (so one merger at a time across all
-workers; a busy lock means another merger is at it and the pass is skipped):
+One pass is one transaction over one shard (a set of the 64 organization slots of
+sinks/aggregate_parts.py):
 
-1. the keys of dirty parts (`version <> merged_version`), at most `limit` per table;
-2. ALL parts of those keys (every source partition), each with the version it had when read:
-   the rollup row of a key is recomputed from scratch (sums added, sketches merged), so a pass
-   is idempotent and never double-counts;
-3. log_aggregates, hourly: rows per (org, server, method) from the parts, then per (org, server)
-   from those rows, then per org from the per-server rows; daily: every affected daily row is the
-   merge of its day's hourly rows, at each of the three levels;
-4. usage_hourly from usage_parts, usage_daily per user from usage_user_parts, usage_daily for all
-   users (user_id NULL) as the merge of the day's usage_hourly rows; unique users exactly, as
-   COUNT(DISTINCT user_id) over usage_hour_users;
-5. the parts read are marked merged *at the version read*, and only if they still have it:
-   `merged_version = v WHERE version = v`, skipping rows a batch has locked. A part written after
-   step 2 (or being written) keeps `version <> merged_version` and is merged again next pass.
+1. `pg_try_advisory_xact_lock(SLOT_LOCK_CLASS, slot)` for each slot of the shard; slots another
+   merger holds are skipped. Every rollup row of an organization is therefore written by one
+   merger at a time, however many run and however they are sharded, so a plain read, a merge in
+   Python and an upsert of a rollup row cannot lose an update;
+2. per deltas table, the shard's deltas in id order (`LIMIT`, `FOR UPDATE SKIP LOCKED`), except
+   the keys held aside in `aggregate_isolated_keys`;
+3. each delta is added to every rollup row it belongs to: hourly and daily, at the three levels
+   (org, server, method) of log_aggregates; usage_hourly and the all-users usage_daily row from
+   usage_deltas, the per-user usage_daily rows from usage_user_deltas. Each touched rollup row is
+   read once (by its unique key, so the read is an index probe whatever the history), merged
+   (sums added, sketches merged, unique users added from the deltas' new-user counts) and
+   upserted once;
+4. the folded deltas are deleted by id in the same transaction: a pass that dies at any point
+   (kill -9 of a merger) rolls back with its deltas, so each delta counts exactly once.
 
-The merger takes no lock a batch transaction could be waiting for while it waits itself (its only
-row locks are the marks, taken with SKIP LOCKED), so it cannot deadlock with the workers.
-
-One key never stops the others: each table's keys are merged in a savepoint; when that fails with
+One key never stops the others: each table's keys are folded in a savepoint; when that fails with
 an error attributable to data (a PostgreSQL data error, a corrupt sketch or sum), the key set is
 bisected in further savepoints down to the failing key(s), which are recorded in
 `aggregate_isolated_keys` (skipped by later passes until an operator releases them) while the
 rest commit. Retriable errors fail the pass, which `MergerLoop` retries through the worker's
-retry policy; any other error ends the loop (the worker stops loudly).
+retry policy; any other error ends the loop (the worker or `omnilog merge` stops loudly).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
+import threading
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -42,16 +45,19 @@ from typing import Any, Final
 import asyncpg
 from prometheus_client import CollectorRegistry
 
+from pipeline import failpoints
 from pipeline.metrics import WorkerMetrics
 from pipeline.processing.retry import ErrorKind, RetryPolicy, classify
 from pipeline.sketch import QuantileSketch
 from sinks.aggregate_parts import (
-    LOG_PARTS,
-    USAGE_PARTS,
-    USAGE_USER_PARTS,
+    LOG_DELTAS,
+    SLOTS,
+    USAGE_DELTAS,
+    USAGE_SUMS,
+    USAGE_USER_DELTAS,
     Acc,
+    DeltaTable,
     PartKey,
-    PartTable,
     exact_int,
     fold,
     key_columns,
@@ -61,8 +67,8 @@ from sinks.db import Connection
 
 log = logging.getLogger("omnilog.merger")
 
-# pg_try_advisory_xact_lock key of a merge pass ("omnimrg" in ASCII).
-MERGER_LOCK_KEY: Final = 0x6F6D6E696D7267
+# pg_try_advisory_xact_lock(SLOT_LOCK_CLASS, slot): the two-int form, "omni" in ASCII.
+SLOT_LOCK_CLASS: Final = 0x6F6D6E69
 DEFAULT_LIMIT: Final = 5000
 # More isolated keys than this in one pass is not a few bad keys but something wrong with all of
 # them (a bug, a broken deploy): the pass fails instead of holding the whole workload aside.
@@ -80,6 +86,37 @@ def _text(value: object) -> object:
 def day_of(window: datetime) -> datetime:
     """The UTC day holding `window`."""
     return window.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """Shard `index` of `count`: the organization slots `s` with `s % count == index`."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.count <= SLOTS:
+            raise ValueError(f"a merger shard count must be within 1..{SLOTS}, got {self.count}")
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"shard index {self.index} is not within 0..{self.count - 1}")
+
+    @property
+    def slots(self) -> list[int]:
+        return [s for s in range(SLOTS) if s % self.count == self.index]
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+ALL_SLOTS: Final = Shard()
+
+
+def shards_of(count: int, index: int | None) -> list[Shard]:
+    """The shards a merger works on: its own one, or (no index) all `count` of them in turn."""
+    if index is not None:
+        return [Shard(index, count)]
+    return [Shard(i, count) for i in range(count)]
 
 
 # ---- rollup values (pure) --------------------------------------------------------------------
@@ -152,6 +189,16 @@ def daily_from_hourly(hourly: Iterable[tuple[LogKey, Acc]]) -> dict[LogKey, Acc]
     return fold(((day_of(w), o, s, m), acc) for (w, o, s, m), acc in hourly)
 
 
+def log_targets(leaves: Mapping[LogKey, Acc]) -> dict[tuple[str, LogKey], Acc]:
+    """Every log_aggregates row that leaves (hour, org, server, method) add to, with what they
+    add: hourly and daily, per method, per server (method None) and per org (both None). Daily
+    rows come straight from the leaves, never from the day's stored hourly rows."""
+    servers = server_level(leaves.items())
+    hourly = {**fold(leaves.items()), **servers, **org_level(servers.items())}
+    daily = daily_from_hourly(hourly.items())
+    return {("hourly", k): a for k, a in hourly.items()} | {("daily", k): a for k, a in daily.items()}
+
+
 # ---- SQL -------------------------------------------------------------------------------------
 
 
@@ -159,73 +206,72 @@ def _unnest(types: Sequence[str], first: int = 1) -> str:
     return ", ".join(f"${first + i}::{t}[]" for i, t in enumerate(types))
 
 
-def dirty_sql(table: PartTable) -> str:
-    """Keys with a dirty part, except the isolated ones."""
-    as_text = ", ".join(f"p.{c}::text" for c in table.key_columns)
+_LOCK_SLOTS: Final = (
+    "SELECT coalesce(array_agg(s ORDER BY s), '{}') FROM unnest($2::int[]) AS s "
+    "WHERE pg_try_advisory_xact_lock($1, s)"
+)
+
+
+def select_sql(table: DeltaTable) -> str:
+    """The deltas of the locked slots, oldest first, except those of isolated keys."""
+    keys = ", ".join(f"d.{c}" for c in table.key_columns)
+    as_text = ", ".join(f"d.{c}::text" for c in table.key_columns)
     return (
-        f"SELECT DISTINCT p.window_start, {', '.join('p.' + c for c in table.key_columns)} "
-        f"FROM {table.name} p WHERE p.version <> p.merged_version AND NOT EXISTS ("
+        f"SELECT d.id, d.window_start, {keys}, d.sums::text[] AS sums, d.sketch FROM {table.name} d "
+        "WHERE d.slot = ANY($1::int[]) AND NOT EXISTS ("
         f"SELECT 1 FROM aggregate_isolated_keys i WHERE i.parts_table = '{table.name}' "
-        f"AND i.window_start = p.window_start AND i.key_values = ARRAY[{as_text}]) LIMIT $1"
+        f"AND i.window_start = d.window_start AND i.key_values = ARRAY[{as_text}]) "
+        "ORDER BY d.id LIMIT $2 FOR UPDATE OF d SKIP LOCKED"
     )
 
 
-def _key_types(table: PartTable) -> tuple[str, ...]:
-    return ("timestamptz", *table.key_types)
+def delete_sql(table: DeltaTable) -> str:
+    return f"DELETE FROM {table.name} WHERE id = ANY($1::bigint[])"
 
 
-def _aliases(n: int) -> list[str]:
-    return [f"k{i}" for i in range(n)]
+# The stored rollup rows a fold adds to, one statement per level so that every condition is an
+# equality or IS NULL on the unique key's columns: an index probe per key, whatever the history.
+_LOG_VALUES = (
+    "a.total_requests, a.error_requests, a.total_bytes_in::text AS bytes_in, "
+    "a.total_bytes_out::text AS bytes_out, a.duration_sketch AS sketch"
+)
+_LOG_LEVEL_MATCH: Final = {
+    "method": "a.server_id = k.s AND a.rpc_method = k.m",
+    "server": "a.server_id = k.s AND a.rpc_method IS NULL",
+    "org": "a.server_id IS NULL AND a.rpc_method IS NULL",
+}
 
 
-def load_sql(table: PartTable) -> str:
-    types = _key_types(table)
-    aliases = _aliases(len(types))
-    columns = ("window_start", *table.key_columns)
-    on = " AND ".join(f"p.{c} = k.{a}" for c, a in zip(columns, aliases, strict=True))
+def read_log_sql(level: str) -> str:
     return (
-        f"SELECT {', '.join('k.' + a for a in aliases)}, p.source_partition, p.version, p.sums, p.sketch "
-        f"FROM unnest({_unnest(types)}) AS k({', '.join(aliases)}) JOIN {table.name} p ON {on}"
+        f"SELECT k.ord, {_LOG_VALUES} FROM unnest($1::aggregation_window_enum[], $2::timestamptz[], "
+        "$3::uuid[], $4::uuid[], $5::text[]) WITH ORDINALITY AS k(t, w, o, s, m, ord) "
+        "JOIN log_aggregates a ON a.organization_id = k.o AND a.window_type = k.t AND a.window_start = k.w "
+        f"AND {_LOG_LEVEL_MATCH[level]}"
     )
 
 
-def mark_sql(table: PartTable) -> str:
-    types = _key_types(table)
-    aliases = _aliases(len(types))
-    n = len(types)
-    columns = ("window_start", *table.key_columns)
-    on_r = " AND ".join(f"p.{c} = r.{a}" for c, a in zip(columns, aliases, strict=True))
-    on_l = " AND ".join(f"p.{c} = l.{c}" for c in (*columns, "source_partition"))
-    return (
-        f"WITH r AS (SELECT * FROM unnest({_unnest(types)}, ${n + 1}::int[], ${n + 2}::bigint[]) "
-        f"AS r({', '.join(aliases)}, part, ver)), "
-        f"l AS (SELECT {', '.join('p.' + c for c in columns)}, p.source_partition, r.ver "
-        f"FROM {table.name} p JOIN r ON {on_r} AND p.source_partition = r.part AND p.version = r.ver "
-        "FOR UPDATE OF p SKIP LOCKED) "
-        f"UPDATE {table.name} p SET merged_version = l.ver FROM l WHERE {on_l} AND p.version = l.ver"
-    )
+_USAGE_VALUES = (
+    "r.request_count, r.success_count, r.error_count, r.total_input_tokens::text, "
+    "r.total_output_tokens::text, r.total_cache_read_tokens::text, r.total_cost_cents::text, "
+    "r.unique_users, r.latency_sketch AS sketch"
+)
+READ_USAGE_HOURLY: Final = (
+    f"SELECT k.ord, {_USAGE_VALUES} FROM unnest($1::timestamptz[], $2::uuid[], $3::uuid[], $4::text[]) "
+    "WITH ORDINALITY AS k(w, o, p, m, ord) JOIN usage_hourly r "
+    "ON r.bucket = k.w AND r.org_id = k.o AND r.project_id = k.p AND r.model = k.m"
+)
+READ_USAGE_DAILY_ALL: Final = (
+    f"SELECT k.ord, {_USAGE_VALUES} FROM unnest($1::timestamptz[], $2::uuid[], $3::uuid[], $4::text[]) "
+    "WITH ORDINALITY AS k(w, o, p, m, ord) JOIN usage_daily r "
+    "ON r.bucket = k.w AND r.org_id = k.o AND r.project_id = k.p AND r.model = k.m AND r.user_id IS NULL"
+)
+READ_USAGE_DAILY_USER: Final = (
+    f"SELECT k.ord, {_USAGE_VALUES} FROM unnest($1::timestamptz[], $2::uuid[], $3::uuid[], $4::text[], "
+    "$5::text[]) WITH ORDINALITY AS k(w, o, p, m, u, ord) JOIN usage_daily r "
+    "ON r.bucket = k.w AND r.org_id = k.o AND r.project_id = k.p AND r.model = k.m AND r.user_id = k.u"
+)
 
-
-_LOG_COLUMNS = "a.total_requests, a.error_requests, a.total_bytes_in, a.total_bytes_out, a.duration_sketch"
-_SERVER_CHILDREN = f"""
-SELECT k.w, k.o, k.s, {_LOG_COLUMNS}
-FROM unnest($1::timestamptz[], $2::uuid[], $3::uuid[]) AS k(w, o, s)
-JOIN log_aggregates a ON a.organization_id = k.o AND a.server_id = k.s AND a.rpc_method IS NOT NULL
- AND a.window_type = 'hourly' AND a.window_start = k.w
-"""
-_ORG_CHILDREN = f"""
-SELECT k.w, k.o, {_LOG_COLUMNS}
-FROM unnest($1::timestamptz[], $2::uuid[]) AS k(w, o)
-JOIN log_aggregates a ON a.organization_id = k.o AND a.server_id IS NOT NULL AND a.rpc_method IS NULL
- AND a.window_type = 'hourly' AND a.window_start = k.w
-"""
-_LOG_DAY_HOURS = f"""
-SELECT k.d, k.o, k.s, k.m, {_LOG_COLUMNS}
-FROM unnest($1::timestamptz[], $2::uuid[], $3::uuid[], $4::text[]) AS k(d, o, s, m)
-JOIN log_aggregates a ON a.organization_id = k.o
- AND a.server_id IS NOT DISTINCT FROM k.s AND a.rpc_method IS NOT DISTINCT FROM k.m
- AND a.window_type = 'hourly' AND a.window_start >= k.d AND a.window_start < k.d + interval '1 day'
-"""
 _UPSERT_LOG = """
 INSERT INTO log_aggregates AS a (organization_id, server_id, rpc_method, window_type, window_start,
     total_requests, success_requests, error_requests, p50_duration_ms, p95_duration_ms,
@@ -271,116 +317,94 @@ INSERT INTO usage_daily (bucket, org_id, project_id, model, user_id, {_USAGE_MET
 SELECT * FROM unnest({_unnest(("timestamptz", "uuid", "uuid", "text", "text", *_USAGE_VALUE_TYPES))})
 ON CONFLICT ON CONSTRAINT usage_daily_key DO UPDATE SET {_USAGE_SET}
 """
-_USAGE_DAY_HOURS = f"""
-SELECT k.d, k.o, k.p, k.m, {_USAGE_METRICS}, latency_sketch
-FROM unnest($1::timestamptz[], $2::uuid[], $3::uuid[], $4::text[]) AS k(d, o, p, m)
-JOIN usage_hourly h ON h.org_id = k.o AND h.project_id = k.p AND h.model = k.m
- AND h.bucket >= k.d AND h.bucket < k.d + interval '1 day'
-"""
-_UNIQUE_USERS = """
-SELECT k.w, k.o, k.p, k.m, count(DISTINCT u.user_id) AS users
-FROM unnest($1::timestamptz[], $2::uuid[], $3::uuid[], $4::text[]) AS k(w, o, p, m)
-LEFT JOIN usage_hour_users u ON u.org_id = k.o AND u.project_id = k.p AND u.model = k.m
- AND u.window_start >= k.w AND u.window_start < k.w + $5::interval
-GROUP BY k.w, k.o, k.p, k.m
-"""
 
-
-# ---- one pass --------------------------------------------------------------------------------
+# ---- one fold --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class IsolatedKey:
-    parts_table: str
+    parts_table: str  # the deltas table (the column keeps its name from migration 0005)
     key: PartKey  # (window_start, *key columns)
     error: str
 
 
 @dataclass(slots=True)
 class MergeStats:
-    parts_read: int = 0
-    parts_marked: int = 0
+    deltas_read: int = 0
+    deltas_folded: int = 0
     log_rows: int = 0
     usage_rows: int = 0
-    more: bool = False  # a table had more dirty keys than the pass's limit
+    more: bool = False  # a table had more deltas than the pass's limit
     isolated: list[IsolatedKey] = field(default_factory=list)  # held aside by this pass
 
     def absorb(self, other: MergeStats) -> None:
-        self.parts_read += other.parts_read
-        self.parts_marked += other.parts_marked
+        self.deltas_read += other.deltas_read
+        self.deltas_folded += other.deltas_folded
         self.log_rows += other.log_rows
         self.usage_rows += other.usage_rows
         self.more = self.more or other.more
         self.isolated.extend(other.isolated)
 
 
-@dataclass(frozen=True, slots=True)
-class LoadedPart:
-    key: PartKey
-    partition: int
-    version: int
+def _sketch(blob: bytes | None, what: str) -> QuantileSketch:
+    if blob is None:
+        raise ValueError(f"{what} has no sketch")
+    return QuantileSketch.from_bytes(blob)
 
 
-async def _dirty_keys(conn: Connection, table: PartTable, limit: int, stats: MergeStats) -> list[PartKey]:
-    rows = await conn.fetch(dirty_sql(table), limit)
-    if len(rows) >= limit:
-        stats.more = True
-    return [tuple(_text(v) for v in row.values()) for row in rows]
-
-
-async def _load(
-    conn: Connection, table: PartTable, keys: list[PartKey]
-) -> tuple[dict[PartKey, Acc], list[LoadedPart]]:
-    width = len(table.key_columns) + 1
-    loaded: list[LoadedPart] = []
-    pairs: list[tuple[PartKey, Acc]] = []
-    for row in await conn.fetch(load_sql(table), *key_columns(keys)):
-        values = list(row.values())
-        key = tuple(_text(v) for v in values[:width])
-        loaded.append(LoadedPart(key, row["source_partition"], row["version"]))
-        pairs.append((key, Acc.decode(row["sums"], row["sketch"])))
-    return fold(pairs), loaded
-
-
-async def _mark(conn: Connection, table: PartTable, loaded: list[LoadedPart]) -> int:
-    if not loaded:
-        return 0
-    status = await conn.execute(
-        mark_sql(table),
-        *key_columns([p.key for p in loaded]),
-        [p.partition for p in loaded],
-        [p.version for p in loaded],
+def _decode_deltas(rows: Sequence[asyncpg.Record], width: int) -> dict[PartKey, Acc]:
+    """The deltas folded by key (window, *key columns): one accumulator per key."""
+    return fold(
+        (tuple(_text(v) for v in list(row.values())[1 : 1 + width]), Acc.decode(row["sums"], row["sketch"]))
+        for row in rows
     )
+
+
+async def _delete(conn: Connection, table: DeltaTable, rows: Sequence[asyncpg.Record]) -> int:
+    status = await conn.execute(delete_sql(table), [row["id"] for row in rows])
     return int(status.split()[-1])
 
 
-def _rows_to_accs(rows: Iterable[asyncpg.Record], width: int) -> list[tuple[Any, Acc]]:
-    """(key of the first `width` columns, Acc of the 4 log sums + sketch) per row."""
-    out = []
-    for row in rows:
-        values = list(row.values())
-        key = tuple(_text(v) for v in values[:width])
-        out.append(
-            (
-                key,
-                Acc([exact_int(v) for v in values[width : width + 4]], QuantileSketch.from_bytes(values[-1])),
-            )
+async def _stored_log_rows(conn: Connection, keys: list[tuple[str, LogKey]]) -> dict[tuple[str, LogKey], Acc]:
+    """The stored log_aggregates rows of `keys` (window type, (window, org, server, method))."""
+    stored: dict[tuple[str, LogKey], Acc] = {}
+    for level in _LOG_LEVEL_MATCH:
+        wanted = [k for k in keys if _log_level(k[1]) == level]
+        if not wanted:
+            continue
+        rows = await conn.fetch(
+            read_log_sql(level),
+            [t for t, _ in wanted],
+            [k[0] for _, k in wanted],
+            [k[1] for _, k in wanted],
+            [k[2] for _, k in wanted],
+            [k[3] for _, k in wanted],
         )
-    return out
+        for row in rows:
+            sums = [row["total_requests"], row["error_requests"], row["bytes_in"], row["bytes_out"]]
+            stored[wanted[row["ord"] - 1]] = Acc(
+                [exact_int(v) for v in sums], _sketch(row["sketch"], "a log_aggregates row")
+            )
+    return stored
 
 
-async def _upsert_log(conn: Connection, window_type: str, rows: Mapping[Any, Acc]) -> int:
-    if not rows:
-        return 0
-    keys = [k for k in rows if isinstance(k, tuple)]
-    values = [log_values(rows[k]) for k in keys]
+def _log_level(key: LogKey) -> str:
+    return "org" if key[2] is None else "server" if key[3] is None else "method"
+
+
+async def _fold_log(conn: Connection, rows: Sequence[asyncpg.Record], stats: MergeStats) -> None:
+    targets = log_targets(_decode_deltas(rows, 4))
+    for key, acc in (await _stored_log_rows(conn, list(targets))).items():
+        targets[key].merge(acc)
+    keys = sorted(targets, key=str)
+    values = [log_values(targets[k]) for k in keys]
     await conn.execute(
         _UPSERT_LOG,
-        [k[1] for k in keys],
-        [k[2] for k in keys],
-        [k[3] for k in keys],
-        [window_type] * len(keys),
+        [k[1][1] for k in keys],
+        [k[1][2] for k in keys],
+        [k[1][3] for k in keys],
         [k[0] for k in keys],
+        [k[1][0] for k in keys],
         [v.total for v in values],
         [v.success for v in values],
         [v.errors for v in values],
@@ -392,34 +416,13 @@ async def _upsert_log(conn: Connection, window_type: str, rows: Mapping[Any, Acc
         [v.bytes_out for v in values],
         [v.sketch for v in values],
     )
-    return len(keys)
-
-
-async def _merge_log_keys(conn: Connection, dirty: list[PartKey], stats: MergeStats) -> None:
-    leaves, loaded = await _load(conn, LOG_PARTS, dirty)
-    stats.parts_read += len(loaded)
-    stats.log_rows += await _upsert_log(conn, "hourly", leaves)
-
-    servers = sorted({(k[0], k[1], k[2]) for k in leaves}, key=str)
-    children = await conn.fetch(_SERVER_CHILDREN, *key_columns(servers))
-    by_server = fold(((w, o, s, None), acc) for (w, o, s), acc in _rows_to_accs(children, 3))
-    stats.log_rows += await _upsert_log(conn, "hourly", by_server)
-
-    orgs = sorted({(k[0], k[1]) for k in leaves}, key=str)
-    children = await conn.fetch(_ORG_CHILDREN, *key_columns(orgs))
-    by_org = fold(((w, o, None, None), acc) for (w, o), acc in _rows_to_accs(children, 2))
-    stats.log_rows += await _upsert_log(conn, "hourly", by_org)
-
-    hourly_keys = [*leaves, *by_server, *by_org]
-    days = sorted({(day_of(k[0]), *k[1:]) for k in hourly_keys if isinstance(k, tuple)}, key=str)
-    hours = await conn.fetch(_LOG_DAY_HOURS, *key_columns(days))
-    stats.log_rows += await _upsert_log(conn, "daily", fold(_rows_to_accs(hours, 4)))
-    stats.parts_marked += await _mark(conn, LOG_PARTS, loaded)
+    stats.log_rows += len(keys)
+    stats.deltas_folded += await _delete(conn, LOG_DELTAS, rows)
 
 
 def _usage_args(keys: list[Any], values: list[UsageValues]) -> list[list[Any]]:
     columns: list[list[Any]] = key_columns(keys)
-    columns += [[v.sums[j] for v in values] for j in range(7)]
+    columns += [[v.sums[j] for v in values] for j in range(len(USAGE_SUMS))]
     columns += [
         [v.avg for v in values],
         [v.p50 for v in values],
@@ -431,49 +434,66 @@ def _usage_args(keys: list[Any], values: list[UsageValues]) -> list[list[Any]]:
     return columns
 
 
-async def _unique_users(conn: Connection, keys: list[Any], span: timedelta) -> dict[Any, int]:
-    rows = await conn.fetch(_UNIQUE_USERS, *key_columns(keys), span)
-    return {tuple(_text(v) for v in list(r.values())[:4]): int(r["users"]) for r in rows}
+async def _stored_usage_rows(
+    conn: Connection, sql: str, keys: list[PartKey], users_at: int | None, width: int
+) -> dict[PartKey, Acc]:
+    """Stored usage rows of `keys` as accumulators of `width` sums: the 7 USAGE_SUMS, then (for
+    hourly and all-users rows) zeros with the stored unique users at `users_at`, so that adding a
+    delta's new-user counts (usage_deltas' last two sums) gives the new unique users."""
+    stored: dict[PartKey, Acc] = {}
+    if not keys:
+        return stored
+    for row in await conn.fetch(sql, *key_columns(keys)):
+        values = list(row.values())
+        sums = [exact_int(v) for v in values[1:8]] + [0] * (width - len(USAGE_SUMS))
+        if users_at is not None:
+            sums[users_at] = int(row["unique_users"])
+        stored[keys[row["ord"] - 1]] = Acc(sums, _sketch(row["sketch"], "a usage rollup row"))
+    return stored
 
 
-async def _merge_usage_hourly_keys(conn: Connection, dirty: list[PartKey], stats: MergeStats) -> None:
-    hourly, loaded = await _load(conn, USAGE_PARTS, dirty)
-    stats.parts_read += len(loaded)
-    keys = sorted(hourly, key=str)
-    users = await _unique_users(conn, keys, timedelta(hours=1))
-    values = [usage_values(hourly[k], users.get(k, 0)) for k in keys]
+def _usage_value_rows(
+    targets: Mapping[PartKey, Acc], users: Callable[[PartKey, Acc], int]
+) -> tuple[list[PartKey], list[UsageValues]]:
+    keys = sorted(targets, key=str)
+    values = [
+        usage_values(Acc(targets[k].sums[: len(USAGE_SUMS)], targets[k].sketch), users(k, targets[k]))
+        for k in keys
+    ]
+    return keys, values
+
+
+async def _fold_usage(conn: Connection, rows: Sequence[asyncpg.Record], stats: MergeStats) -> None:
+    """usage_deltas into usage_hourly and the all-users usage_daily rows. Their last two sums are
+    the users new to the hour's and to the day's user set: added to the stored unique users."""
+    width = len(USAGE_DELTAS.sum_names)
+    hourly = _decode_deltas(rows, 4)
+    daily = fold(((day_of(_window(k)), *k[1:]), acc) for k, acc in hourly.items())
+    hour_at, day_at = width - 2, width - 1
+    for key, acc in (await _stored_usage_rows(conn, READ_USAGE_HOURLY, list(hourly), hour_at, width)).items():
+        hourly[key].merge(acc)
+    for key, acc in (
+        await _stored_usage_rows(conn, READ_USAGE_DAILY_ALL, list(daily), day_at, width)
+    ).items():
+        daily[key].merge(acc)
+    keys, values = _usage_value_rows(hourly, lambda _k, acc: acc.sums[hour_at])
     await conn.execute(_UPSERT_USAGE_HOURLY, *_usage_args(keys, values))
-    stats.usage_rows += len(keys)
-
-    days = sorted({(day_of(_window(k)), *k[1:]) for k in keys}, key=str)
-    rows = await conn.fetch(_USAGE_DAY_HOURS, *key_columns(days))
-    daily = fold(
-        (
-            tuple(_text(v) for v in list(r.values())[:4]),
-            Acc(
-                [exact_int(v) for v in list(r.values())[4:11]],
-                QuantileSketch.from_bytes(r["latency_sketch"]),
-            ),
-        )
-        for r in rows
-    )
-    day_keys = sorted(daily, key=str)
-    day_users = await _unique_users(conn, day_keys, timedelta(days=1))
-    day_values = [usage_values(daily[k], day_users.get(k, 0)) for k in day_keys]
-    all_users = [(*k, None) for k in day_keys if isinstance(k, tuple)]
-    await conn.execute(_UPSERT_USAGE_DAILY, *_usage_args(all_users, day_values))
-    stats.usage_rows += len(day_keys)
-    stats.parts_marked += await _mark(conn, USAGE_PARTS, loaded)
+    day_keys, day_values = _usage_value_rows(daily, lambda _k, acc: acc.sums[day_at])
+    await conn.execute(_UPSERT_USAGE_DAILY, *_usage_args([(*k, None) for k in day_keys], day_values))
+    stats.usage_rows += len(keys) + len(day_keys)
+    stats.deltas_folded += await _delete(conn, USAGE_DELTAS, rows)
 
 
-async def _merge_usage_user_keys(conn: Connection, dirty: list[PartKey], stats: MergeStats) -> None:
-    per_user, loaded = await _load(conn, USAGE_USER_PARTS, dirty)
-    stats.parts_read += len(loaded)
-    keys = sorted(per_user, key=str)
-    values = [usage_values(per_user[k], 1 if k[4] else 0) for k in keys]
+async def _fold_usage_users(conn: Connection, rows: Sequence[asyncpg.Record], stats: MergeStats) -> None:
+    """usage_user_deltas into the per-user usage_daily rows (unique users: 1, or 0 for no user)."""
+    per_user = _decode_deltas(rows, 5)
+    stored = await _stored_usage_rows(conn, READ_USAGE_DAILY_USER, list(per_user), None, len(USAGE_SUMS))
+    for key, acc in stored.items():
+        per_user[key].merge(acc)
+    keys, values = _usage_value_rows(per_user, lambda k, _acc: 1 if k[4] else 0)
     await conn.execute(_UPSERT_USAGE_DAILY, *_usage_args(keys, values))
     stats.usage_rows += len(keys)
-    stats.parts_marked += await _mark(conn, USAGE_USER_PARTS, loaded)
+    stats.deltas_folded += await _delete(conn, USAGE_USER_DELTAS, rows)
 
 
 def _window(key: PartKey) -> datetime:
@@ -481,6 +501,13 @@ def _window(key: PartKey) -> datetime:
     assert isinstance(window, datetime)
     return window
 
+
+Fold = Callable[[Connection, Sequence[asyncpg.Record], MergeStats], Awaitable[None]]
+FOLDS: Final[tuple[tuple[DeltaTable, Fold], ...]] = (
+    (LOG_DELTAS, _fold_log),
+    (USAGE_DELTAS, _fold_usage),
+    (USAGE_USER_DELTAS, _fold_usage_users),
+)
 
 # ---- key isolation ---------------------------------------------------------------------------
 
@@ -529,11 +556,11 @@ async def _try_keys(
 
 
 async def _merge_isolating(
-    conn: Connection, table: PartTable, keys: list[PartKey], merge: KeyMerge, stats: MergeStats
+    conn: Connection, table: DeltaTable, keys: list[PartKey], merge: KeyMerge, stats: MergeStats
 ) -> None:
     """Merge `keys`; on an attributable failure bisect them until each failing key is alone, and
     isolate it. One bad key among n costs about 2·log2(n) extra savepoints, the good keys merged
-    in halves along the way (a rollup row is recomputed from scratch, so the order is free)."""
+    in halves along the way (folding is addition, so the order is free)."""
     failure = await _try_keys(conn, keys, merge, stats)
     if failure is None:
         return
@@ -554,26 +581,42 @@ async def _merge_isolating(
 
 
 async def _merge_table(
-    conn: Connection, table: PartTable, limit: int, stats: MergeStats, merge: KeyMerge
+    conn: Connection, table: DeltaTable, fold_rows: Fold, slots: list[int], limit: int, stats: MergeStats
 ) -> None:
-    dirty = await _dirty_keys(conn, table, limit, stats)
-    if dirty:
-        await _merge_isolating(conn, table, dirty, merge, stats)
+    rows = await conn.fetch(select_sql(table), slots, limit)
+    stats.deltas_read += len(rows)
+    if len(rows) >= limit:
+        stats.more = True
+    if not rows:
+        return
+    width = len(table.key_columns) + 1
+    by_key: dict[PartKey, list[asyncpg.Record]] = defaultdict(list)
+    for row in rows:
+        by_key[tuple(_text(v) for v in list(row.values())[1 : 1 + width])].append(row)
+
+    async def merge(c: Connection, keys: list[PartKey], attempt: MergeStats) -> None:
+        await fold_rows(c, [row for key in keys for row in by_key[key]], attempt)
+
+    await _merge_isolating(conn, table, list(by_key), merge, stats)
 
 
 # ---- passes ----------------------------------------------------------------------------------
 
 
-async def merge_pass(conn: Connection, limit: int = DEFAULT_LIMIT) -> MergeStats | None:
-    """One pass (one transaction); None when another merger holds the lock. Keys isolated by the
-    pass are in `stats.isolated` and logged at ERROR once it committed."""
+async def merge_pass(
+    conn: Connection, limit: int = DEFAULT_LIMIT, shard: Shard = ALL_SLOTS
+) -> MergeStats | None:
+    """One pass over `shard` (one transaction); None when other mergers hold all its slots. Keys
+    isolated by the pass are in `stats.isolated` and logged at ERROR once it committed."""
     async with conn.transaction():
-        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", MERGER_LOCK_KEY):
+        slots = list(await conn.fetchval(_LOCK_SLOTS, SLOT_LOCK_CLASS, shard.slots))
+        if not slots:
             return None
         stats = MergeStats()
-        await _merge_table(conn, LOG_PARTS, limit, stats, _merge_log_keys)
-        await _merge_table(conn, USAGE_PARTS, limit, stats, _merge_usage_hourly_keys)
-        await _merge_table(conn, USAGE_USER_PARTS, limit, stats, _merge_usage_user_keys)
+        for table, fold_rows in FOLDS:
+            await _merge_table(conn, table, fold_rows, slots, limit, stats)
+        if stats.deltas_folded:
+            failpoints.hit("merge_before_commit")  # crash tests: every write done, nothing committed
     for isolated in stats.isolated:
         log.error(
             "aggregate key isolated: its merge failed, the other keys go on; "
@@ -588,12 +631,12 @@ async def merge_pass(conn: Connection, limit: int = DEFAULT_LIMIT) -> MergeStats
 
 
 async def merge_until_clean(
-    conn: Connection, limit: int = DEFAULT_LIMIT, max_passes: int = 20
+    conn: Connection, limit: int = DEFAULT_LIMIT, max_passes: int = 20, shard: Shard = ALL_SLOTS
 ) -> MergeStats | None:
-    """Passes until no table had more dirty keys than `limit` (or `max_passes`); summed stats."""
+    """Passes until no table had more deltas than `limit` (or `max_passes`); summed stats."""
     total: MergeStats | None = None
     for _ in range(max_passes):
-        stats = await merge_pass(conn, limit)
+        stats = await merge_pass(conn, limit, shard)
         if stats is None:
             return total
         if total is None:
@@ -604,6 +647,16 @@ async def merge_until_clean(
         if not more:
             break
     return total
+
+
+async def pending_deltas(conn: Connection) -> int:
+    """Deltas not folded yet (isolated ones included)."""
+    return int(
+        await conn.fetchval(
+            "SELECT (SELECT count(*) FROM log_aggregate_deltas) + (SELECT count(*) FROM usage_deltas)"
+            " + (SELECT count(*) FROM usage_user_deltas)"
+        )
+    )
 
 
 async def count_isolated(conn: Connection) -> int:
@@ -621,8 +674,8 @@ async def list_isolated(conn: Connection) -> list[dict[str, Any]]:
 async def release_isolated(
     conn: Connection, parts_table: str | None = None, organization_id: str | None = None
 ) -> int:
-    """Release isolated keys (all, or of one parts table and/or organization): their parts are
-    still dirty, so the next pass merges them again (and isolates them again if they still fail).
+    """Release isolated keys (all, or of one deltas table and/or organization): their deltas are
+    still there, so the next pass folds them (and isolates them again if they still fail).
     Returns how many were released."""
     status = await conn.execute(
         "DELETE FROM aggregate_isolated_keys WHERE ($1::text IS NULL OR parts_table = $1) "
@@ -634,36 +687,37 @@ async def release_isolated(
 
 
 _PRUNE = (
-    "DELETE FROM log_aggregate_parts WHERE window_start < $1 AND version = merged_version",
-    "DELETE FROM usage_parts WHERE window_start < $1 AND version = merged_version",
-    "DELETE FROM usage_user_parts WHERE window_start < $1 AND version = merged_version",
     "DELETE FROM usage_hour_users WHERE window_start < $1",
+    "DELETE FROM usage_day_users WHERE window_start < $1",
 )
 
 
-async def prune_parts(conn: Connection, max_event_age_days: int, now: datetime | None = None) -> None:
-    """Drop merged parts of windows no accepted event can reach any more (older than the
-    longest accepted lateness, plus a day of margin): their rollup rows are final."""
+async def prune_user_sets(conn: Connection, max_event_age_days: int, now: datetime | None = None) -> None:
+    """Drop the user sets of windows no accepted event can reach any more (older than the longest
+    accepted lateness, plus a day of margin): their unique-user counts are final."""
     cutoff = day_of(now or datetime.now(UTC)) - timedelta(days=max_event_age_days + 1)
     async with conn.transaction():
         for statement in _PRUNE:
             await conn.execute(statement, cutoff)
 
 
-# ---- the background task of a worker ---------------------------------------------------------
+# ---- the merger loop ---------------------------------------------------------------------------
 
 PRUNE_EVERY_S: Final = 3600.0
 
 
 class MergerLoop:
-    """Runs `merge_until_clean` every `interval_s` on a pool (a worker's background job).
+    """Runs `merge_until_clean` over its shards every `interval_s` on a pool: the loop of
+    `omnilog merge`, and of a worker's in-process merger (on its own thread, `MergerThread`).
 
+    Without a fixed shard index the loop visits every shard, starting at a different one each
+    round, so several replicas spread over the shards by taking whichever slot locks are free.
     Retriable errors (connection lost, serialization failures, ...) are retried through the
     worker's retry policy (operation "merge": attempts in `omnilog_retry_attempts_total`, each
     failure also in `omnilog_aggregate_merge_failures_total{kind="retriable"}`); keys that fail on
     their own are isolated by the pass (`kind="key"`, gauge `omnilog_aggregate_keys_isolated`);
-    any other error ends the loop with a `PermanentError`, which stops the worker loudly rather
-    than let it ingest on with rollups that silently stopped."""
+    any other error ends the loop with a `PermanentError`, which stops the process loudly rather
+    than let it run on with rollups that silently stopped."""
 
     def __init__(
         self,
@@ -671,56 +725,140 @@ class MergerLoop:
         max_event_age_days: int,
         limit: int = DEFAULT_LIMIT,
         retry_max_s: float = 30.0,
+        shards: Sequence[Shard] = (ALL_SLOTS,),
     ) -> None:
         self.interval_s = interval_s
         self.max_event_age_days = max_event_age_days
         self.limit = limit
         self.retry_max_s = retry_max_s
+        self.shards = list(shards)
+        self.rounds = 0  # completed rounds
+        self.last_progress = time.monotonic()  # after each shard's passes: liveness of `omnilog merge`
+        self._next_shard = random.randrange(len(self.shards))
         self._last_prune = 0.0
         self._views_ready = False
 
-    async def __call__(self, pool: asyncpg.Pool, metrics: WorkerMetrics | None = None) -> None:
+    async def __call__(
+        self, pool: asyncpg.Pool, metrics: WorkerMetrics | None = None, stop: asyncio.Event | None = None
+    ) -> None:
+        """Rounds until cancelled, or until `stop` is set (the round in progress finishes)."""
         metrics = metrics if metrics is not None else WorkerMetrics(CollectorRegistry())
+        stop = stop if stop is not None else asyncio.Event()
         policy = RetryPolicy(metrics, self.retry_max_s)
 
         # A coroutine function, not a lambda returning a coroutine: tenacity awaits only the former.
         async def attempt() -> MergeStats | None:
             return await self.run_once(pool, metrics)
 
-        while True:
+        while not stop.is_set():
             started = time.perf_counter()
             stats = await policy.call("merge", "postgres", attempt)
             elapsed = time.perf_counter() - started
+            self.rounds += 1
+            self.last_progress = time.monotonic()
             if stats is not None:
                 metrics.aggregate_merge_duration.observe(elapsed)
-                metrics.aggregate_parts_merged.inc(stats.parts_marked)
+                metrics.aggregate_parts_merged.inc(stats.deltas_folded)
                 metrics.aggregate_merge_failures.labels("key").inc(len(stats.isolated))
-                if stats.parts_read:
+                if stats.deltas_read:
                     log.debug(
-                        "merge pass",
+                        "merge round",
                         extra={
-                            "parts": stats.parts_read,
+                            "deltas": stats.deltas_folded,
                             "log_rows": stats.log_rows,
                             "seconds": round(elapsed, 3),
                         },
                     )
-            await asyncio.sleep(max(0.0, self.interval_s - elapsed))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, self.interval_s - elapsed))
+
+    def _rotation(self) -> list[Shard]:
+        start = self._next_shard
+        self._next_shard = (start + 1) % len(self.shards)
+        return self.shards[start:] + self.shards[:start]
 
     async def run_once(self, pool: asyncpg.Pool, metrics: WorkerMetrics) -> MergeStats | None:
-        """Passes until clean (None: another merger holds the lock), the hourly prune, and the
-        isolated-keys gauge (read by every worker, whoever merged)."""
+        """One round: passes until clean over each shard (None: other mergers held every slot),
+        the hourly prune, and the isolated-keys gauge (read by every merger, whoever merged)."""
         try:
             async with pool.acquire() as conn:
                 if not self._views_ready:
                     await ensure_rollup_views(conn, self.max_event_age_days)
                     self._views_ready = True
-                stats = await merge_until_clean(conn, self.limit)
+                total: MergeStats | None = None
+                for shard in self._rotation():
+                    stats = await merge_until_clean(conn, self.limit, shard=shard)
+                    self.last_progress = time.monotonic()
+                    if stats is not None:
+                        total = total if total is not None else MergeStats()
+                        total.absorb(stats)
                 if time.monotonic() - self._last_prune > PRUNE_EVERY_S:
-                    await prune_parts(conn, self.max_event_age_days)
+                    await prune_user_sets(conn, self.max_event_age_days)
                     self._last_prune = time.monotonic()
                 metrics.aggregate_keys_isolated.set(await count_isolated(conn))
-                return stats
+                return total
         except Exception as exc:
             if classify(exc) is ErrorKind.RETRIABLE:
                 metrics.aggregate_merge_failures.labels("retriable").inc()
             raise
+
+
+class MergerThread:
+    """A worker's background job running a `MergerLoop` on a thread of its own, with its own
+    event loop and pool (asyncpg pools belong to one loop), so a merge pass never delays the
+    ingest loop's polls and flushes. The job ends when the loop ends: cancelled with the worker
+    (the thread is told to stop and joined; a pass in progress rolls back), or with the loop's
+    PermanentError, which the worker turns into its own fatal stop."""
+
+    JOIN_TIMEOUT_S: Final = 15.0
+
+    def __init__(self, merger: MergerLoop, database_url: str) -> None:
+        self.merger = merger
+        self._database_url = database_url
+
+    async def __call__(self, _pool: asyncpg.Pool, metrics: WorkerMetrics) -> None:
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[None] = loop.create_future()
+        stopping = threading.Event()
+
+        def report(exc: BaseException | None) -> None:
+            if ended.done():
+                return
+            if exc is None:
+                ended.set_result(None)
+            else:
+                ended.set_exception(exc)
+
+        def run() -> None:
+            try:
+                asyncio.run(self._run(metrics, stopping))
+            except BaseException as exc:  # noqa: BLE001 - handed to the worker's loop, which decides
+                loop.call_soon_threadsafe(report, exc)
+            else:
+                loop.call_soon_threadsafe(report, None)
+
+        thread = threading.Thread(target=run, name="omnilog-merger", daemon=True)
+        thread.start()
+        try:
+            await asyncio.shield(ended)
+        finally:
+            stopping.set()
+            await asyncio.to_thread(thread.join, self.JOIN_TIMEOUT_S)
+
+    async def _run(self, metrics: WorkerMetrics, stopping: threading.Event) -> None:
+        # min_size 0: no connection at start, so PostgreSQL being down is the retry policy's
+        # business (a retriable error of a round), not a failure to start the thread.
+        pool = await asyncpg.create_pool(self._database_url, min_size=0, max_size=1)
+        assert pool is not None
+        try:
+            task = asyncio.create_task(self.merger(pool, metrics))
+            while not task.done() and not stopping.is_set():
+                await asyncio.wait({task}, timeout=0.1)
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                if not stopping.is_set():
+                    raise
+        finally:
+            await pool.close()

@@ -46,6 +46,8 @@ def build_worker(settings: Settings, registry: CollectorRegistry | None = None) 
         registry=registry,
         extensions=build_extensions(),
         ensure_partitions=partition_ensurer(PartitionCache()),
-        background=[build_merger(settings)],
+        # The in-process merger runs on its own thread (never on the ingest loop); off when
+        # `omnilog merge` runs as its own process (OMNILOG_MERGER_IN_WORKER=false).
+        background=[build_merger(settings)] if settings.merger_in_worker else [],
         horizon=Horizon(load=load_horizon, lock=lock_horizon),
     )

@@ -187,7 +187,7 @@ def usage(env_file: Path | None, org: str, window: str, since: str, until: str |
 @_env_file
 @click.option("--wait", default=30.0, show_default=True, help="Seconds to wait for a busy merger lock.")
 def merge(env_file: Path | None, wait: float) -> None:
-    """Run merge passes until no part is dirty (waits while another merger holds the lock)."""
+    """Fold every pending delta (waits while other mergers hold all the locks)."""
     from sinks.aggregate_timescale import ensure_rollup_views
     from sinks.merger import merge_until_clean
 
@@ -207,7 +207,7 @@ def merge(env_file: Path | None, wait: float) -> None:
         click.echo("omnilog aggregates merge: another merger held the lock throughout", err=True)
         sys.exit(1)
     click.echo(
-        f"merged {stats.parts_marked} parts into {stats.log_rows} log_aggregates rows "
+        f"merged {stats.deltas_folded} deltas into {stats.log_rows} log_aggregates rows "
         f"and {stats.usage_rows} usage rows"
     )
     for isolated in stats.isolated:
@@ -227,7 +227,7 @@ def isolated(env_file: Path | None, as_json: bool) -> None:
     for row in rows:
         row["key_values"] = " ".join(row["key_values"])
     columns = [
-        ("parts_table", "Parts table"),
+        ("parts_table", "Deltas table"),
         ("window_start", "Window"),
         ("key_values", "Key"),
         ("isolated_at", "Isolated at"),
@@ -241,9 +241,9 @@ def isolated(env_file: Path | None, as_json: bool) -> None:
 @click.option(
     "--table",
     "parts_table",
-    type=click.Choice(["log_aggregate_parts", "usage_parts", "usage_user_parts"]),
+    type=click.Choice(["log_aggregate_deltas", "usage_deltas", "usage_user_deltas"]),
     default=None,
-    help="Only keys of this parts table [default: all tables].",
+    help="Only keys of this deltas table [default: all tables].",
 )
 @click.option("--org", "org", default=None, help="Only keys of this organization [default: all].")
 def release(env_file: Path | None, parts_table: str | None, org: str | None) -> None:

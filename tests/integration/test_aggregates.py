@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections import defaultdict
@@ -32,9 +34,12 @@ from pipeline.contract import ValidationPolicy, ValidEvent, validate_event
 from pipeline.settings import Settings
 from pipeline.sketch import QuantileSketch, merge_all
 from sinks import merger
-from sinks.aggregate_parts import AggregatePartsWriter
+from sinks.aggregate_parts import SLOTS, slot_of
+from sinks.aggregate_timescale import ensure_rollup_views
+from sinks.aggregates import build_extensions
 from sinks.migrate import migrate
-from tests.integration.ingest_support import create_topic, start_worker, wait_caught_up
+from sinks.partitions import ensure_day_partitions
+from tests.integration.ingest_support import create_topic, start_worker, wait_caught_up, worker_env
 
 pytestmark = pytest.mark.integration
 
@@ -194,11 +199,7 @@ def _usage_status(e: dict[str, Any]) -> str:
 async def verify_rollups(database_url: str, oracle: Oracle) -> dict[str, int]:
     conn = await asyncpg.connect(database_url)
     try:
-        dirty = await conn.fetchval(
-            "SELECT (SELECT count(*) FROM log_aggregate_parts WHERE version <> merged_version)"
-            " + (SELECT count(*) FROM usage_parts WHERE version <> merged_version)"
-            " + (SELECT count(*) FROM usage_user_parts WHERE version <> merged_version)"
-        )
+        pending = await merger.pending_deltas(conn)
         rows = await conn.fetch("SELECT *, window_type::text AS wt FROM log_aggregates")
         hourly_usage = await conn.fetch("SELECT * FROM usage_hourly")
         daily_usage = await conn.fetch("SELECT * FROM usage_daily")
@@ -209,7 +210,7 @@ async def verify_rollups(database_url: str, oracle: Oracle) -> dict[str, int]:
         mcp_hourly = await conn.fetchval("SELECT coalesce(sum(calls), 0) FROM mcp_usage_hourly")
     finally:
         await conn.close()
-    assert dirty == 0, f"{dirty} parts left unmerged"
+    assert pending == 0, f"{pending} deltas left unfolded"
 
     def key_of(r: asyncpg.Record) -> tuple[Any, ...]:
         server = None if r["server_id"] is None else str(r["server_id"])
@@ -307,7 +308,7 @@ async def test_rollups_exact_after_crashes_restarts_two_workers_duplicates_and_l
     assert resent > 100
 
     # Two workers at a time, each killed (-9) at fail points and restarted, merging as they go.
-    failpoints = "after_upload:0.1,after_postgres_commit:0.15"
+    failpoints = "after_upload:0.1,after_postgres_commit:0.15,merge_before_commit:0.1"
     env = {"OMNILOG_FAILPOINTS": failpoints, "OMNILOG_MERGE_INTERVAL_S": "0.5"}
     workers = [start_worker(settings, tmp_path / f"w{i}.log", **env) for i in range(2)]
     crashes = 0
@@ -356,15 +357,11 @@ async def _wait_clean(database_url: str, timeout: float) -> None:
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            dirty = await conn.fetchval(
-                "SELECT count(*) FROM (SELECT 1 FROM log_aggregate_parts WHERE version <> merged_version"
-                " UNION ALL SELECT 1 FROM usage_parts WHERE version <> merged_version"
-                " UNION ALL SELECT 1 FROM usage_user_parts WHERE version <> merged_version) d"
-            )
-            if dirty == 0:
+            pending = await merger.pending_deltas(conn)
+            if pending == 0:
                 return
             await asyncio.sleep(0.3)
-        raise AssertionError(f"{dirty} parts still unmerged after {timeout}s")
+        raise AssertionError(f"{pending} deltas still unfolded after {timeout}s")
     finally:
         await conn.close()
 
@@ -427,44 +424,50 @@ async def _wait_ready(worker: Any, timeout: float) -> None:
         await asyncio.sleep(0.2)
 
 
-# ---- the merger's race protection, with real transactions -------------------------------------
+# ---- exactly once: races, mergers killed and restarted, shards ---------------------------------
 
 POLICY = ValidationPolicy(timedelta(days=90), timedelta(hours=1))
 
 
-def _events(n: int, duration: int) -> list[ValidEvent]:
-    now = datetime.now(UTC)
+def _valid(events: list[dict[str, Any]], now: datetime) -> list[ValidEvent]:
     out = []
-    for _ in range(n):
-        value = orjson.dumps(
-            {
-                "event_id": str(uuid.uuid4()),
-                "organization_id": ORGS[0],
-                "started_at": _stamp(now),
-                "duration_ms": duration,
-                "server_id": SERVERS[1],
-                "rpc_method": "race",
-            }
-        )
-        event = validate_event(value, now, POLICY)
-        assert isinstance(event, ValidEvent)
+    for body in events:
+        event = validate_event(orjson.dumps(body), now, POLICY)
+        assert isinstance(event, ValidEvent), event
         out.append(event)
     return out
 
 
-async def _write(
+def _events(n: int, duration: int) -> list[ValidEvent]:
+    now = datetime.now(UTC)
+    body = {
+        "organization_id": ORGS[0],
+        "started_at": _stamp(now),
+        "server_id": SERVERS[1],
+        "rpc_method": "race",
+    }
+    return _valid([body | {"event_id": str(uuid.uuid4()), "duration_ms": duration} for _ in range(n)], now)
+
+
+async def _write_batch(
     url: str,
     events: list[ValidEvent],
-    written: asyncio.Event | None = None,
-    commit: asyncio.Event | None = None,
+    held: asyncio.Event | None = None,
+    release: asyncio.Event | None = None,
 ) -> None:
+    """What a batch transaction writes for its new events: usage rows and aggregate deltas (the
+    worker's batch extensions), the day partitions they need first."""
     conn = await asyncpg.connect(url)
     try:
+        days = {e.started_at.astimezone(UTC).date() for e in events}
+        for table in ("usage_events", "mcp_usage"):
+            await ensure_day_partitions(conn, table, days)
         async with conn.transaction():
-            await AggregatePartsWriter().write(conn, events, 0)
-            if written is not None and commit is not None:
-                written.set()
-                await commit.wait()
+            for extension in build_extensions():
+                await extension.write(conn, events, 0)
+            if held is not None and release is not None:
+                held.set()
+                await release.wait()
     finally:
         await conn.close()
 
@@ -478,60 +481,290 @@ async def _leaf(conn: asyncpg.Connection) -> tuple[int, Any]:
     return row["total_requests"], row["p99_duration_ms"]
 
 
-async def test_merger_never_marks_a_part_written_after_it_read_it(
+async def test_a_pass_folds_what_it_read_once_and_never_waits_for_an_open_batch(
     fresh_database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await migrate(fresh_database_url)
-    conn = await asyncpg.connect(fresh_database_url)
+    url = fresh_database_url
+    await migrate(url)
+    conn = await asyncpg.connect(url)
     try:
-        await _write(fresh_database_url, _events(3, 10))
+        await _write_batch(url, _events(3, 10))
 
-        # Interleaving 1: a batch commits a new version of the part between the merger's read and
-        # its mark. The pass reflects what it read; the part must stay dirty.
-        original_mark = merger._mark
+        # A batch commits new deltas between the pass's read and its delete: the pass deletes only
+        # the ids it read, so the new deltas stay for the next pass, counted once.
+        original_delete = merger._delete
 
-        async def mark_after_a_commit(c: Any, table: Any, loaded: Any) -> int:
-            if table.name == "log_aggregate_parts":
-                await _write(fresh_database_url, _events(2, 1000))
-            return await original_mark(c, table, loaded)
+        async def delete_after_a_commit(c: Any, table: Any, rows: Any) -> int:
+            if table.name == "log_aggregate_deltas":
+                await _write_batch(url, _events(2, 1000))
+            return await original_delete(c, table, rows)
 
-        monkeypatch.setattr(merger, "_mark", mark_after_a_commit)
+        monkeypatch.setattr(merger, "_delete", delete_after_a_commit)
         stats = await merger.merge_pass(conn)
         assert stats is not None
         assert await _leaf(conn) == (3, 10)  # only what it read
-        assert (
-            await conn.fetchval("SELECT count(*) FROM log_aggregate_parts WHERE version <> merged_version")
-            == 1
-        )
-        monkeypatch.setattr(merger, "_mark", original_mark)
+        assert await conn.fetchval("SELECT count(*) FROM log_aggregate_deltas") == 1
+        monkeypatch.setattr(merger, "_delete", original_delete)
         await merger.merge_pass(conn)
         assert await _leaf(conn) == (5, pytest.approx(1000, rel=0.01))
 
-        # Interleaving 2: a batch holds a dirty part (uncommitted new version) while the merger
-        # marks: the mark must neither wait for it nor mark it; the next pass has the new version.
-        await _write(fresh_database_url, _events(1, 20))
-        written, commit = asyncio.Event(), asyncio.Event()
-        writer = asyncio.create_task(_write(fresh_database_url, _events(4, 50), written, commit))
-        await asyncio.wait_for(written.wait(), 10)
+        # A batch holds uncommitted deltas during a pass: invisible, not waited for; folded once
+        # it commits.
+        await _write_batch(url, _events(1, 20))
+        held, release = asyncio.Event(), asyncio.Event()
+        writer = asyncio.create_task(_write_batch(url, _events(4, 50), held, release))
+        await asyncio.wait_for(held.wait(), 10)
         stats = await asyncio.wait_for(merger.merge_pass(conn), 5)
-        assert stats is not None and (stats.parts_read, stats.parts_marked) == (1, 0)
+        assert stats is not None and stats.deltas_folded == 1
         assert await _leaf(conn) == (6, pytest.approx(1000, rel=0.01))
-        commit.set()
+        release.set()
         await writer
         await merger.merge_pass(conn)
         assert await _leaf(conn) == (10, pytest.approx(1000, rel=0.01))
-        assert (
-            await conn.fetchval("SELECT count(*) FROM log_aggregate_parts WHERE version <> merged_version")
-            == 0
-        )
+        assert await merger.pending_deltas(conn) == 0
 
-        # One merger at a time: a pass finds the lock taken and does nothing.
-        other = await asyncpg.connect(fresh_database_url)
+        # One merger per slot: while another session holds the organization's slot, a pass over
+        # every slot leaves its deltas alone, and a shard of that slot only finds nothing to lock.
+        await _write_batch(url, _events(1, 30))
+        slot = slot_of(ORGS[0])
+        other = await asyncpg.connect(url)
         try:
             async with other.transaction():
-                await other.execute("SELECT pg_advisory_xact_lock($1)", merger.MERGER_LOCK_KEY)
-                assert await merger.merge_pass(conn) is None
+                await other.execute("SELECT pg_advisory_xact_lock($1, $2)", merger.SLOT_LOCK_CLASS, slot)
+                stats = await merger.merge_pass(conn)
+                assert stats is not None and stats.deltas_read == 0
+                assert await merger.merge_pass(conn, shard=merger.Shard(slot, SLOTS)) is None
         finally:
             await other.close()
+        await merger.merge_pass(conn)
+        assert await _leaf(conn) == (11, pytest.approx(1000, rel=0.01))
     finally:
+        await conn.close()
+
+
+async def test_mergers_racing_over_mixed_shards_with_late_events_count_each_event_once(
+    fresh_database_url: str,
+) -> None:
+    """Four mergers on differently sharded slot sets (1, 2 and 4 shards) run while batches commit
+    events of the current hour, hours and days late and on hour and day edges; each rollup row
+    must equal the oracle of every event sent."""
+    url = fresh_database_url
+    await migrate(url)
+    now = datetime.now(UTC)
+    orgs = [str(uuid.UUID(int=0xD000 + i)) for i in range(12)]
+    bodies = make_events(1800, seed=5, now=now)
+    rng = random.Random(6)
+    for body in bodies:
+        body["organization_id"] = rng.choice(orgs)
+    batches = [_valid(bodies[i : i + 60], now) for i in range(0, len(bodies), 60)]
+    assert len({slot_of(o) for o in orgs}) > 4  # the organizations span several slots
+
+    stop = asyncio.Event()
+    folded = {"deltas": 0}
+
+    async def merge_forever(shards: list[merger.Shard]) -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            while not stop.is_set():
+                for shard in shards:
+                    stats = await merger.merge_until_clean(conn, limit=200, shard=shard)
+                    folded["deltas"] += stats.deltas_folded if stats is not None else 0
+                await asyncio.sleep(0.01)
+        finally:
+            await conn.close()
+
+    mergers = [
+        asyncio.create_task(merge_forever(shards))
+        for shards in (
+            [merger.ALL_SLOTS],
+            [merger.Shard(0, 2)],
+            [merger.Shard(1, 2)],
+            merger.shards_of(4, None),
+        )
+    ]
+    try:
+        for i in range(0, len(batches), 3):
+            await asyncio.gather(*(_write_batch(url, batch) for batch in batches[i : i + 3]))
+        await asyncio.sleep(0.5)
+    finally:
+        stop.set()
+        await asyncio.gather(*mergers)
+    conn = await asyncpg.connect(url)
+    try:
+        await ensure_rollup_views(conn, 90)
+        last = await merger.merge_until_clean(conn)
+        assert last is not None
+    finally:
+        await conn.close()
+    assert folded["deltas"] > 0  # the racing mergers did fold (not only the last pass)
+    await verify_rollups(url, Oracle(bodies))
+
+
+def _merge_process(settings: Settings, log_path: Path, *args: str, **env: str) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [str(Path(sys.executable).parent / "omnilog"), "merge", *args],
+            env=worker_env(settings, OMNILOG_MERGE_INTERVAL_S="0.2", **env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def test_omnilog_merge_killed_mid_pass_then_restarted_as_two_shards_folds_everything_once(
+    fresh_database_url: str, make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """Deltas pending from batches no merger saw; `omnilog merge` killed (-9) with every write of
+    its pass done but not committed; then two `omnilog merge` processes, shards 0 and 1 of 2,
+    fold everything and stop on SIGTERM with exit 0: every rollup row equals the oracle."""
+    url = fresh_database_url
+    settings = make_settings(database_url=url)
+    await migrate(url)
+    now = datetime.now(UTC)
+    bodies = make_events(900, seed=8, now=now)
+    for i in range(0, len(bodies), 100):
+        await _write_batch(url, _valid(bodies[i : i + 100], now))
+    conn = await asyncpg.connect(url)
+    try:
+        pending = await merger.pending_deltas(conn)
+        assert pending > 100
+
+        killed = _merge_process(settings, tmp_path / "killed.log", OMNILOG_FAILPOINTS="merge_before_commit:1")
+        assert killed.wait(timeout=60) == -signal.SIGKILL
+        assert await merger.pending_deltas(conn) == pending  # the pass rolled back whole
+        assert await conn.fetchval("SELECT count(*) FROM log_aggregates") == 0
+
+        shards = [
+            _merge_process(settings, tmp_path / f"shard{i}.log", "--shards", "2", "--shard", str(i))
+            for i in range(2)
+        ]
+        try:
+            deadline = time.monotonic() + 60
+            while await merger.pending_deltas(conn):
+                assert time.monotonic() < deadline, "the two shard mergers did not fold every delta"
+                assert all(p.poll() is None for p in shards), "a shard merger exited"
+                await asyncio.sleep(0.2)
+        finally:
+            for proc in shards:
+                proc.send_signal(signal.SIGTERM)
+            codes = [proc.wait(timeout=30) for proc in shards]
+        assert codes == [0, 0]
+        for i in range(2):
+            assert "merger starting" in (tmp_path / f"shard{i}.log").read_text()
+    finally:
+        await conn.close()
+    await verify_rollups(url, Oracle(bodies))
+
+
+# ---- a pass costs what its deltas cost, whatever the history -------------------------------------
+
+ROLLUPS = ("log_aggregates", "usage_hourly", "usage_daily")
+
+
+async def _table_reads(
+    conn: asyncpg.Connection, merger_conn: asyncpg.Connection
+) -> dict[str, tuple[int, ...]]:
+    """(seq_scan, seq_tup_read, idx_scan, rows written, idx_tup_fetch) of the rollup tables, with
+    the merger's session's counters flushed first (PostgreSQL 15 flushes a session's table
+    statistics at most once a second unless asked)."""
+    await merger_conn.execute("SELECT pg_stat_force_next_flush()")
+    rows = await conn.fetch(
+        "SELECT relname, seq_scan, seq_tup_read, coalesce(idx_scan, 0) AS idx_scan,"
+        " n_tup_ins + n_tup_upd AS written, coalesce(idx_tup_fetch, 0) AS idx_tup_fetch"
+        " FROM pg_stat_user_tables WHERE relname = ANY($1::text[])",
+        list(ROLLUPS),
+    )
+    return {r["relname"]: tuple(list(r.values())[1:]) for r in rows}
+
+
+def _history(orgs: list[str], days: int, now: datetime, seed: int) -> list[dict[str, Any]]:
+    """Events over many hours of many organizations, no two in one hour of one key."""
+    rng = random.Random(seed)
+    out = []
+    for org in orgs:
+        for hour in range(0, days * 24, 5):
+            out.append(
+                {
+                    "event_id": str(uuid.UUID(int=rng.getrandbits(128))),
+                    "organization_id": org,
+                    "started_at": _stamp(now - timedelta(hours=hour + 2)),
+                    "duration_ms": rng.randint(1, 500),
+                    "server_id": SERVERS[1],
+                    "rpc_method": "history",
+                    "model": "m",
+                    "user_id": f"user-{rng.randint(1, 5)}",
+                }
+            )
+    return out
+
+
+async def test_a_pass_reads_only_the_rollup_rows_of_its_deltas_whatever_the_history(
+    fresh_database_url: str,
+) -> None:
+    """The same probe batch folded over a history of H rollup rows and over one of about 3H reads
+    the same number of rollup rows, all through index probes (no sequential scan)."""
+    url = fresh_database_url
+    await migrate(url)
+    now = datetime.now(UTC)
+    probe_org = str(uuid.UUID(int=0xE000))
+
+    def probe() -> list[ValidEvent]:
+        body = {"organization_id": probe_org, "server_id": SERVERS[1], "rpc_method": "probe", "model": "p"}
+        return _valid(
+            [
+                body
+                | {
+                    "event_id": str(uuid.uuid4()),
+                    "started_at": _stamp(now - timedelta(hours=h)),
+                    "duration_ms": h,
+                    "user_id": f"u{h}",
+                }
+                for h in range(12)
+            ],
+            now,
+        )
+
+    conn = await asyncpg.connect(url)
+    merger_conn = await asyncpg.connect(url)
+    try:
+        for table in ROLLUPS:  # no background reads in the counters; statistics as ANALYZE sees them
+            await conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+        reads: list[dict[str, tuple[int, ...]]] = []
+        sizes = []
+        for round_, orgs in enumerate(
+            (
+                [str(uuid.UUID(int=0xF000 + i)) for i in range(4)],
+                [str(uuid.UUID(int=0xF100 + i)) for i in range(8)],
+            )
+        ):
+            history = _history(orgs, 80, now, seed=round_)
+            for i in range(0, len(history), 2000):
+                await _write_batch(url, _valid(history[i : i + 2000], now))
+            await merger.merge_until_clean(merger_conn)
+            if round_ == 0:
+                await _write_batch(url, probe())  # the probe's rows exist before both measurements
+                await merger.merge_until_clean(merger_conn)
+            for table in ROLLUPS:
+                await conn.execute(f"ANALYZE {table}")
+            sizes.append(await conn.fetchval("SELECT count(*) FROM log_aggregates"))
+            await _write_batch(url, probe())
+            before = await _table_reads(conn, merger_conn)
+            stats = await merger.merge_pass(merger_conn)
+            after = await _table_reads(conn, merger_conn)
+            assert stats is not None and stats.deltas_folded == 12 + 12 + 12  # log, usage, per-user
+            reads.append({t: tuple(a - b for a, b in zip(after[t], before[t], strict=True)) for t in ROLLUPS})
+        assert sizes[1] > 2.5 * sizes[0] > 4000
+        # What the probe touches: 12 hours x 3 levels of hourly rows and 1 day (or 2) x 3 levels of
+        # daily rows; 12 usage_hourly rows; the all-users and 12 per-user usage_daily rows per day.
+        touched = {t: reads[0][t][3] for t in ROLLUPS}
+        assert 36 + 3 <= touched["log_aggregates"] <= 36 + 6 and touched["usage_hourly"] == 12
+        for table in ROLLUPS:
+            for measured in reads:
+                seq_scans, seq_rows, index_scans, written, fetched = measured[table]
+                # no sequential scan; one index probe to read and one to upsert each touched row;
+                # the rows fetched by the probes are bounded by the probe's keys, not the history
+                assert (seq_scans, seq_rows) == (0, 0), (table, reads)
+                assert (index_scans, written) == (2 * touched[table], touched[table]), (table, reads)
+                assert fetched <= 3 * touched[table], (table, reads)
+    finally:
+        await merger_conn.close()
         await conn.close()

@@ -1,8 +1,9 @@
 """Sums past 2^63 and keys that cannot be merged, on real PostgreSQL (docs/aggregates.md §8).
 
 - An organization-day whose byte and token sums pass 2^63 - 1 is aggregated exactly (compared
-  with Python integers), in the part rows, the hourly and daily rollups and at every level; the
-  batch transactions writing the parts never fail, and the same pass merges the other tenants.
+  with Python integers), in the hourly and daily rollups and at every level, folded in two rounds
+  (a rollup row past 2^63 keeps growing exactly); the batch transactions writing the deltas never
+  fail, and the same pass merges the other tenants.
 - A key whose merge fails (a corrupt sketch; a sum no rollup column can hold) is isolated and
   persisted, the other keys' rollups are exact, the gauge, counter and ERROR log show it; later
   passes skip it; releasing it after the fix merges it.
@@ -36,15 +37,15 @@ from pipeline.processing.retry import ErrorKind, PermanentError
 from pipeline.sketch import DEFAULT_ALPHA, QuantileSketch
 from sinks import merger
 from sinks.aggregate_parts import (
-    LOG_PARTS,
-    USAGE_PARTS,
-    USAGE_USER_PARTS,
+    LOG_DELTAS,
+    USAGE_DELTAS,
+    USAGE_USER_DELTAS,
     Acc,
-    AggregatePartsWriter,
+    AggregateDeltasWriter,
+    DeltaTable,
     PartKey,
-    PartTable,
+    insert_deltas,
     log_parts,
-    merge_into_parts,
 )
 from sinks.migrate import migrate
 
@@ -100,12 +101,10 @@ def _copy(parts: dict[PartKey, Acc]) -> dict[PartKey, Acc]:
     return {k: a.copy() for k, a in parts.items()}
 
 
-async def _batch(
-    conn: asyncpg.Connection, table: PartTable, partition: int, parts: dict[PartKey, Acc]
-) -> None:
-    """What a batch transaction does with its parts (sinks.aggregate_parts.merge_into_parts)."""
+async def _batch(conn: asyncpg.Connection, table: DeltaTable, parts: dict[PartKey, Acc]) -> None:
+    """What a batch transaction does with its parts (sinks.aggregate_parts.insert_deltas)."""
     async with conn.transaction():
-        await merge_into_parts(conn, table, partition, _copy(parts))
+        await insert_deltas(conn, table, _copy(parts))
 
 
 @pytest.fixture
@@ -136,17 +135,22 @@ async def _log_row(conn: asyncpg.Connection, org: str, window: str, start: datet
 async def test_an_org_day_past_2_63_bytes_and_tokens_is_exact_and_fails_nobody(
     db: asyncpg.Connection,
 ) -> None:
-    # 2^16 events of ~2^40 bytes: one batch's part adds ~2^56; 130 batches into one partition's
-    # part pass 2^63, 10 more into another partition, plus an hour of 2^12 such events 5 times.
+    # 2^16 events of ~2^40 bytes: one batch's delta adds ~2^56; 130 batches pass 2^63 and are
+    # folded; 10 more fold onto that row; plus an hour of 2^12 such events 5 times.
     h1_events, h2_events = _huge_events(2**16, H1, 1), _huge_events(2**12, H2, 2)
     h1_parts, h2_parts = log_parts(h1_events), log_parts(h2_events)
-    runs = [(h1_parts, 0, 130), (h1_parts, 1, 10), (h2_parts, 2, 5)]
-    # The real batch extension for the first batch of each run, then the same parts again.
+    # The real batch extension for the first batch, then the same parts again.
     async with db.transaction():
-        await AggregatePartsWriter().write(db, h1_events, 0)
-    for parts, partition, batches in runs:
-        for _ in range(batches - 1 if partition == 0 else batches):
-            await _batch(db, LOG_PARTS, partition, parts)
+        await AggregateDeltasWriter().write(db, h1_events, 0)
+    for _ in range(129):
+        await _batch(db, LOG_DELTAS, h1_parts)
+    first = await merger.merge_until_clean(db)
+    assert first is not None and first.deltas_folded == 130 and not first.isolated
+    first_row = await _log_row(db, BIG_ORG, "hourly", H1, "method")
+    assert first_row["total_bytes_out"] == 130 * sum(e.bytes_out for e in h1_events) > INT64_MAX
+    for parts, batches in ((h1_parts, 10), (h2_parts, 5)):
+        for _ in range(batches):
+            await _batch(db, LOG_DELTAS, parts)
 
     # Usage: parts written directly with token and cost sums of 2^62 each, in three partitions.
     n = 1000
@@ -154,16 +158,17 @@ async def test_an_org_day_past_2_63_bytes_and_tokens_is_exact_and_fails_nobody(
     usage_sums = [n, n - 10, 10, 2**62 + 1, 2**62 + 3, 2**61 + 5, 2**62 + 7]
     usage_key = (H1, BIG_ORG, PROJECT, "model-x")
     user_key = (DAY, BIG_ORG, PROJECT, "model-x", "user-1")
-    for partition in range(3):
+    for _ in range(3):
         sketch = QuantileSketch(DEFAULT_ALPHA)
         sketch.add_many(latencies)
-        await _batch(db, USAGE_PARTS, partition, {usage_key: Acc(list(usage_sums), sketch)})
-        await _batch(db, USAGE_USER_PARTS, partition, {user_key: Acc(list(usage_sums), sketch.copy())})
+        # usage_deltas carry two more sums: users new to the hour and to the day (here: one)
+        await _batch(db, USAGE_DELTAS, {usage_key: Acc([*usage_sums, 1, 1], sketch)})
+        await _batch(db, USAGE_USER_DELTAS, {user_key: Acc(list(usage_sums), sketch.copy())})
 
     # Another tenant, ordinary traffic, in the same hour: merged by the same pass.
     small = [_event(OTHER_ORG, H1, bytes_in=i, bytes_out=2 * i, status_code=200) for i in range(1, 51)]
     async with db.transaction():
-        await AggregatePartsWriter().write(db, small, 3)
+        await AggregateDeltasWriter().write(db, small, 3)
 
     stats = await merger.merge_until_clean(db)
     assert stats is not None and not stats.isolated
@@ -185,15 +190,6 @@ async def test_an_org_day_past_2_63_bytes_and_tokens_is_exact_and_fails_nobody(
         assert tuple((await _log_row(db, BIG_ORG, "hourly", H2, level))[:4]) == h2
         assert tuple((await _log_row(db, BIG_ORG, "daily", DAY, level))[:4]) == day
         assert tuple((await _log_row(db, OTHER_ORG, "hourly", H1, level))[:4]) == exact(small, 1)
-    # The part of partition 0 alone holds more than 2^63 bytes, exactly.
-    part_sums = await db.fetchval(
-        "SELECT sums FROM log_aggregate_parts WHERE window_start = $1 AND organization_id = $2 "
-        "AND source_partition = 0",
-        H1,
-        BIG_ORG,
-    )
-    assert [int(v) for v in part_sums] == list(exact(h1_events, 130))
-    assert int(part_sums[2]) > INT64_MAX
 
     token_sums = [3 * v for v in usage_sums]
     columns = (
@@ -209,14 +205,8 @@ async def test_an_org_day_past_2_63_bytes_and_tokens_is_exact_and_fails_nobody(
         (None, token_sums),
         ("user-1", token_sums),
     ]
-    assert (
-        await db.fetchval(
-            "SELECT (SELECT count(*) FROM log_aggregate_parts WHERE version <> merged_version)"
-            " + (SELECT count(*) FROM usage_parts WHERE version <> merged_version)"
-            " + (SELECT count(*) FROM usage_user_parts WHERE version <> merged_version)"
-        )
-        == 0
-    )
+    assert await db.fetchval("SELECT unique_users FROM usage_hourly WHERE org_id = $1", BIG_ORG) == 3
+    assert await merger.pending_deltas(db) == 0
 
 
 # ---- key isolation -----------------------------------------------------------------------------
@@ -260,19 +250,19 @@ async def test_a_key_that_cannot_be_merged_is_isolated_and_the_others_go_on(
     other = _method_events(OTHER_ORG, "a", 30, 9)
     corrupt = _method_events(BIG_ORG, "corrupt", 5, 10)
     async with db.transaction():
-        await AggregatePartsWriter().write(db, [e for es in good.values() for e in es] + other + corrupt, 0)
+        await AggregateDeltasWriter().write(db, [e for es in good.values() for e in es] + other + corrupt, 0)
     # One part's sketch is damaged on disk (the CRC catches it), and one usage key carries a sum
     # that no rollup column can hold (NUMERIC(38,0) rejects 10^40: a PostgreSQL data error).
     await db.execute(
-        "UPDATE log_aggregate_parts SET sketch = overlay(sketch placing '\\xff'::bytea from 12) "
+        "UPDATE log_aggregate_deltas SET sketch = overlay(sketch placing '\\xff'::bytea from 12) "
         "WHERE rpc_method = 'corrupt'"
     )
     sketch = QuantileSketch(DEFAULT_ALPHA)
     sketch.add_many(np.array([5.0, 7.0]))
     overflowing = (H1, BIG_ORG, PROJECT, "too-big")
-    await _batch(db, USAGE_PARTS, 0, {overflowing: Acc([2, 2, 0, 10**40, 0, 0, 0], sketch)})
+    await _batch(db, USAGE_DELTAS, {overflowing: Acc([2, 2, 0, 10**40, 0, 0, 0, 0, 0], sketch)})
     fine_usage = (H1, OTHER_ORG, PROJECT, "fine")
-    await _batch(db, USAGE_PARTS, 0, {fine_usage: Acc([2, 2, 0, 123, 4, 5, 6], sketch.copy())})
+    await _batch(db, USAGE_DELTAS, {fine_usage: Acc([2, 2, 0, 123, 4, 5, 6, 0, 0], sketch.copy())})
 
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
@@ -282,8 +272,8 @@ async def test_a_key_that_cannot_be_merged_is_isolated_and_the_others_go_on(
     assert stats is not None
     isolated = {(i.parts_table, tuple(str(v) for v in i.key[1:])) for i in stats.isolated}
     assert isolated == {
-        ("log_aggregate_parts", (BIG_ORG, SERVER, "corrupt")),
-        ("usage_parts", (BIG_ORG, PROJECT, "too-big")),
+        ("log_aggregate_deltas", (BIG_ORG, SERVER, "corrupt")),
+        ("usage_deltas", (BIG_ORG, PROJECT, "too-big")),
     }
     assert _metric(registry, "omnilog_aggregate_keys_isolated") == 2
     logged = [r for r in caplog.records if r.levelno == logging.ERROR]
@@ -292,7 +282,7 @@ async def test_a_key_that_cannot_be_merged_is_isolated_and_the_others_go_on(
         (BIG_ORG, PROJECT, "too-big"),
     }
 
-    # The other keys' rollups are exact; the isolated keys have none and their parts stay dirty.
+    # The other keys' rollups are exact; the isolated keys have none and their deltas stay.
     for method, events in good.items():
         row = await db.fetchrow(
             "SELECT total_requests, error_requests, total_bytes_in, total_bytes_out FROM log_aggregates "
@@ -315,28 +305,28 @@ async def test_a_key_that_cannot_be_merged_is_isolated_and_the_others_go_on(
     assert await db.fetchval("SELECT count(*) FROM log_aggregates WHERE rpc_method = 'corrupt'") == 0
     assert await db.fetchval("SELECT count(*) FROM usage_hourly WHERE model = 'too-big'") == 0
     assert await db.fetchval("SELECT total_input_tokens FROM usage_hourly WHERE model = 'fine'") == 123
-    dirty = await db.fetch(
-        "SELECT rpc_method FROM log_aggregate_parts WHERE version <> merged_version"
-        " UNION ALL SELECT model FROM usage_parts WHERE version <> merged_version"
+    pending = await db.fetch(
+        "SELECT rpc_method FROM log_aggregate_deltas UNION ALL SELECT model FROM usage_deltas"
     )
-    assert sorted(r[0] for r in dirty) == ["corrupt", "too-big"]
+    assert sorted(r[0] for r in pending) == ["corrupt", "too-big"]
 
     # Persisted: a later pass (any worker, after a restart) skips them without failing again.
     async with db.transaction():
-        await AggregatePartsWriter().write(db, _method_events(BIG_ORG, "a", 3, 11), 1)
+        await AggregateDeltasWriter().write(db, _method_events(BIG_ORG, "a", 3, 11), 1)
     stats = await loop.run_once(pool, metrics)
-    assert stats is not None and stats.isolated == [] and stats.parts_read == 2  # key "a": 2 partitions
+    assert stats is not None and stats.isolated == [] and stats.deltas_read == 1  # the new delta only
+    assert (await _log_row(db, BIG_ORG, "hourly", H1, "org"))["total_requests"] == 203
     assert _metric(registry, "omnilog_aggregate_keys_isolated") == 2
 
     # Fixed and released: the key merges. The usage key is still broken and goes back aside.
     await db.execute(
-        "UPDATE log_aggregate_parts SET sketch = $1 WHERE rpc_method = 'corrupt'",
-        QuantileSketch.from_values([float(e.duration_ms) for e in corrupt], alpha=LOG_PARTS.alpha).to_bytes(),
+        "UPDATE log_aggregate_deltas SET sketch = $1 WHERE rpc_method = 'corrupt'",
+        QuantileSketch.from_values([e.duration_ms for e in corrupt], alpha=LOG_DELTAS.alpha).to_bytes(),
     )
     assert await merger.release_isolated(db) == 2
     stats = await loop.run_once(pool, metrics)
     assert stats is not None
-    assert [(i.parts_table, i.key[3]) for i in stats.isolated] == [("usage_parts", "too-big")]
+    assert [(i.parts_table, i.key[3]) for i in stats.isolated] == [("usage_deltas", "too-big")]
     assert _metric(registry, "omnilog_aggregate_keys_isolated") == 1
     row = await db.fetchrow(
         "SELECT total_requests, total_bytes_in FROM log_aggregates WHERE rpc_method = 'corrupt'"
@@ -351,16 +341,16 @@ async def test_merger_loop_retries_retriable_errors_and_stops_on_fatal_ones(
     db: asyncpg.Connection, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with db.transaction():
-        await AggregatePartsWriter().write(db, _method_events(BIG_ORG, "a", 10, 1), 0)
+        await AggregateDeltasWriter().write(db, _method_events(BIG_ORG, "a", 10, 1), 0)
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
     real: Callable[..., Any] = merger.merge_until_clean
     failures = [asyncpg.exceptions.SerializationError("could not serialize access")] * 2
 
-    async def flaky(conn: asyncpg.Connection, limit: int = merger.DEFAULT_LIMIT) -> Any:
+    async def flaky(conn: asyncpg.Connection, limit: int = merger.DEFAULT_LIMIT, **kwargs: Any) -> Any:
         if failures:
             raise failures.pop()
-        return await real(conn, limit)
+        return await real(conn, limit, **kwargs)
 
     monkeypatch.setattr(merger, "merge_until_clean", flaky)
     task = asyncio.create_task(merger.MergerLoop(interval_s=0.05, max_event_age_days=90)(pool, metrics))
@@ -370,16 +360,14 @@ async def test_merger_loop_retries_retriable_errors_and_stops_on_fatal_ones(
                 break
             await asyncio.sleep(0.05)
         assert not task.done(), task
-        assert (
-            await db.fetchval("SELECT count(*) FROM log_aggregate_parts WHERE version <> merged_version") == 0
-        )
+        assert await merger.pending_deltas(db) == 0
         assert _metric(registry, "omnilog_retry_attempts_total", operation="merge") == 2
         assert _metric(registry, "omnilog_aggregate_merge_failures_total", kind="retriable") == 2
 
         # Fatal: the table of isolated keys is gone (a broken deploy). No retry, no silence.
         await db.execute("DROP TABLE aggregate_isolated_keys")
         async with db.transaction():
-            await AggregatePartsWriter().write(db, _method_events(BIG_ORG, "b", 3, 2), 0)
+            await AggregateDeltasWriter().write(db, _method_events(BIG_ORG, "b", 3, 2), 0)
         with pytest.raises(PermanentError) as ended:
             await asyncio.wait_for(task, 10)
         assert ended.value.kind is ErrorKind.FATAL and ended.value.operation == "merge"
@@ -409,8 +397,8 @@ async def test_operators_list_and_release_isolated_keys_from_the_command_line(
 ) -> None:
     corrupt = _method_events(BIG_ORG, "corrupt", 3, 1)
     async with db.transaction():
-        await AggregatePartsWriter().write(db, corrupt + _method_events(OTHER_ORG, "corrupt", 2, 2), 0)
-    await db.execute("UPDATE log_aggregate_parts SET sketch = '\\x01'::bytea")
+        await AggregateDeltasWriter().write(db, corrupt + _method_events(OTHER_ORG, "corrupt", 2, 2), 0)
+    await db.execute("UPDATE log_aggregate_deltas SET sketch = '\\x01'::bytea")
     stats = await merger.merge_until_clean(db)
     assert stats is not None and len(stats.isolated) == 2
 

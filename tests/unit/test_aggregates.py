@@ -1,5 +1,6 @@
-"""Aggregate parts and rollup math without a database: grouping, sentinels, levels, daily = merge
-of hourly, row values, usage mappings, and the generated SQL (parsed with pglast)."""
+"""Aggregate deltas and rollup math without a database: grouping, sentinels, levels, daily = merge
+of hourly, the rows a delta adds to, slots and shards, row values, usage mappings, and the
+generated SQL (parsed with pglast)."""
 
 from __future__ import annotations
 
@@ -19,24 +20,34 @@ from pipeline.contract import ValidationPolicy, ValidEvent, validate_event
 from pipeline.sketch import QuantileSketch, SketchDecodeError
 from sinks import merger
 from sinks.aggregate_parts import (
-    LOG_PARTS,
+    DELTA_TABLES,
+    LOG_DELTAS,
     NO_METHOD,
     NO_MODEL,
     NO_PROJECT,
     NO_SERVER,
     NO_USER,
-    USAGE_PARTS,
-    USAGE_USER_PARTS,
+    SLOTS,
     Acc,
     fold,
     group,
+    insert_sql,
     log_parts,
-    read_sql,
-    upsert_sql,
+    slot_of,
     usage_parts,
     usage_status,
 )
-from sinks.merger import daily_from_hourly, day_of, log_values, org_level, server_level, usage_values
+from sinks.merger import (
+    Shard,
+    daily_from_hourly,
+    day_of,
+    log_targets,
+    log_values,
+    org_level,
+    server_level,
+    shards_of,
+    usage_values,
+)
 from sinks.usage import mcp_usage_row, usage_event_row
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -90,8 +101,8 @@ def test_log_parts_group_by_hour_org_server_method_with_exact_sums() -> None:
             sum(e.bytes_in for e in members),
             sum(e.bytes_out for e in members),
         ]
-        assert acc.sketch.alpha == LOG_PARTS.alpha
-        assert acc.sketch == QuantileSketch.from_values([e.duration_ms for e in members], LOG_PARTS.alpha)
+        assert acc.sketch.alpha == LOG_DELTAS.alpha
+        assert acc.sketch == QuantileSketch.from_values([e.duration_ms for e in members], LOG_DELTAS.alpha)
 
 
 def test_sentinels_never_collide_with_the_all_rows() -> None:
@@ -145,7 +156,7 @@ def _random_hourly(rng: np.random.Generator) -> tuple[dict[Any, Acc], dict[Any, 
                 w = datetime(2026, 11, 21, tzinfo=UTC) + timedelta(hours=hour)
                 key = (w, ORG, server, method)
                 hourly[key] = Acc(
-                    [len(x), int(x.size // 3), 1, 2], QuantileSketch.from_values(x, LOG_PARTS.alpha)
+                    [len(x), int(x.size // 3), 1, 2], QuantileSketch.from_values(x, LOG_DELTAS.alpha)
                 )
                 values[key] = x.tolist()
     return hourly, values
@@ -160,11 +171,11 @@ def test_levels_and_daily_are_exact_merges() -> None:
         members = [k for k in values if k[0] == w and k[2] == s]
         exact = [v for k in members for v in values[k]]
         assert acc.sums[0] == len(exact)
-        assert acc.sketch == QuantileSketch.from_values(exact, LOG_PARTS.alpha)
+        assert acc.sketch == QuantileSketch.from_values(exact, LOG_DELTAS.alpha)
     for (w, _o, s, m), acc in orgs.items():
         assert s is None and m is None
         exact = [v for k in values if k[0] == w for v in values[k]]
-        assert acc.sketch == QuantileSketch.from_values(exact, LOG_PARTS.alpha)
+        assert acc.sketch == QuantileSketch.from_values(exact, LOG_DELTAS.alpha)
     # Daily rows at each level are the merge of that level's hourly rows of the day.
     every_level = {
         **hourly,
@@ -180,7 +191,7 @@ def test_levels_and_daily_are_exact_merges() -> None:
             for v in xs
         ]
         assert acc.sums[0] == len(exact)
-        assert acc.sketch.to_bytes() == QuantileSketch.from_values(exact, LOG_PARTS.alpha).to_bytes()
+        assert acc.sketch.to_bytes() == QuantileSketch.from_values(exact, LOG_DELTAS.alpha).to_bytes()
         row = log_values(acc)
         for q, got in zip((0.5, 0.95, 0.99), (row.p50, row.p95, row.p99), strict=True):
             assert within_contract(got, float(np.quantile(exact, q, method="lower")))
@@ -197,7 +208,7 @@ def test_levels_and_daily_are_exact_merges() -> None:
 
 
 def test_log_values_reject_a_sketch_that_disagrees_with_the_count() -> None:
-    acc = Acc([3, 0, 0, 0], QuantileSketch.from_values([1, 2], LOG_PARTS.alpha))
+    acc = Acc([3, 0, 0, 0], QuantileSketch.from_values([1, 2], LOG_DELTAS.alpha))
     with pytest.raises(ValueError, match="2 durations for 3"):
         log_values(acc)
 
@@ -219,6 +230,7 @@ def test_usage_parts_users_and_status() -> None:
     assert parts.daily_users[(day, ORG, project, "m", "u1")].sums[0] == 2
     assert parts.daily_users[(day, ORG, NO_PROJECT, NO_MODEL, NO_USER)].sums[0] == 1
     assert parts.hour_users == [(hour, ORG, project, "m", "u1"), (hour, ORG, project, "m", "u2")]
+    assert parts.day_users == {(day, ORG, project, "m", "u1"): hour, (day, ORG, project, "m", "u2"): hour}
     assert [usage_status(e) for e in events[:3]] == ["success", "timeout", "error"]
     row = usage_values(parts.hourly[(hour, ORG, project, "m")], unique_users=2)
     assert row.unique_users == 2 and row.p50 == pytest.approx(10, rel=0.01)
@@ -250,14 +262,13 @@ def test_usage_and_mcp_rows() -> None:
 
 
 SQL = [
-    read_sql(LOG_PARTS),
-    upsert_sql(LOG_PARTS),
-    upsert_sql(USAGE_USER_PARTS),
-    *(
-        f(t)
-        for t in (LOG_PARTS, USAGE_PARTS, USAGE_USER_PARTS)
-        for f in (merger.dirty_sql, merger.load_sql, merger.mark_sql)
-    ),
+    *(insert_sql(t) for t in DELTA_TABLES),
+    *(f(t) for t in DELTA_TABLES for f in (merger.select_sql, merger.delete_sql)),
+    *(merger.read_log_sql(level) for level in ("method", "server", "org")),
+    merger.READ_USAGE_HOURLY,
+    merger.READ_USAGE_DAILY_ALL,
+    merger.READ_USAGE_DAILY_USER,
+    merger._LOCK_SLOTS,
     merger._ISOLATE,
 ]
 
@@ -267,12 +278,49 @@ def test_generated_sql_parses(sql: str) -> None:
     assert len(pglast.parse_sql(sql)) == 1
 
 
-def test_mark_only_touches_the_version_read() -> None:
-    # The race protection lives in these predicates: never mark a part whose version moved on,
-    # never wait for a row a batch holds.
-    sql = merger.mark_sql(LOG_PARTS)
-    assert "p.version = r.ver" in sql and "SKIP LOCKED" in sql and "SET merged_version = l.ver" in sql
-    assert "WHERE p.version = EXCLUDED.version - 1" in upsert_sql(LOG_PARTS)
+def test_a_fold_reads_rollup_rows_by_their_unique_key_only() -> None:
+    # Cost independent of history lives in these predicates: every stored row a fold reads is
+    # matched with = or IS NULL on each unique-key column (an index probe), never a range.
+    for sql in (*(merger.read_log_sql(level) for level in ("method", "server", "org")),):
+        for column in ("organization_id", "window_type", "window_start", "server_id", "rpc_method"):
+            assert f"a.{column} = k." in sql or f"a.{column} IS NULL" in sql, (column, sql)
+    for sql in (merger.READ_USAGE_HOURLY, merger.READ_USAGE_DAILY_ALL, merger.READ_USAGE_DAILY_USER):
+        assert " >= " not in sql and " < " not in sql and "DISTINCT" not in sql
+    assert "ORDER BY d.id LIMIT $2 FOR UPDATE OF d SKIP LOCKED" in merger.select_sql(LOG_DELTAS)
+
+
+def test_one_delta_adds_to_six_rollup_rows() -> None:
+    sketch = QuantileSketch.from_values([4.0, 9.0], LOG_DELTAS.alpha)
+    leaf = (datetime(2026, 11, 23, 23, tzinfo=UTC), ORG, SERVER, "m")
+    other = (datetime(2026, 11, 24, 0, tzinfo=UTC), ORG, SERVER, "m")  # the next day
+    targets = log_targets({leaf: Acc([2, 1, 10, 20], sketch), other: Acc([2, 0, 1, 1], sketch.copy())})
+    day, next_day = datetime(2026, 11, 23, tzinfo=UTC), datetime(2026, 11, 24, tzinfo=UTC)
+    assert set(targets) == {
+        (window_type, (start, ORG, server, method))
+        for window_type, start in (
+            ("hourly", leaf[0]),
+            ("daily", day),
+            ("hourly", other[0]),
+            ("daily", next_day),
+        )
+        for server, method in ((SERVER, "m"), (SERVER, None), (None, None))
+    }
+    assert targets[("daily", (day, ORG, None, None))].sums == [2, 1, 10, 20]
+    assert targets[("daily", (next_day, ORG, None, None))].sums == [2, 0, 1, 1]
+
+
+def test_slots_are_stable_and_shards_partition_them() -> None:
+    orgs = [str(uuid.UUID(int=random.Random(i).getrandbits(128))) for i in range(2000)]
+    slots = [slot_of(o) for o in orgs]
+    assert all(0 <= s < SLOTS for s in slots) and len(set(slots)) == SLOTS  # all slots used
+    assert slot_of(ORG) == slot_of(str(uuid.UUID(ORG)))  # the canonical text, every time
+    for count in (1, 2, 3, 7, 64):
+        owned = [s for shard in shards_of(count, None) for s in shard.slots]
+        assert sorted(owned) == list(range(SLOTS))  # each slot in exactly one shard
+    assert shards_of(4, 2) == [Shard(2, 4)]
+    for bad in ((0, 0), (65, 0), (4, 4), (4, -1)):
+        with pytest.raises(ValueError):
+            Shard(bad[1], bad[0])
 
 
 # ---- sums that cannot overflow ---------------------------------------------------------------
@@ -286,7 +334,7 @@ def test_group_sums_past_int64_are_exact() -> None:
     sums[:, 0] = 1  # a count column stays small
     keys = [(3600 * int(rng.integers(0, 3)), f"k{int(rng.integers(0, 5))}") for _ in range(n)]
     values = rng.integers(0, 10_000, size=n).astype(np.float64)
-    parts = group(keys, values, sums, LOG_PARTS.alpha)
+    parts = group(keys, values, sums, LOG_DELTAS.alpha)
     expected: dict[tuple[object, ...], list[int]] = {}
     for key, row in zip(keys, sums.tolist(), strict=True):
         column_sums = expected.setdefault(key, [0, 0, 0, 0])
@@ -307,7 +355,7 @@ def test_group_fast_path_still_exact_near_its_limit() -> None:
     # 2^22 * 2^40 < 2^63: the int64 path is taken and must agree with Python's sums.
     n = 1000
     sums = np.full((n, 4), 2**40 - 1, dtype=np.int64)
-    parts = group([(0, "k")] * n, np.ones(n), sums, LOG_PARTS.alpha)
+    parts = group([(0, "k")] * n, np.ones(n), sums, LOG_DELTAS.alpha)
     assert next(iter(parts.values())).sums == [n * (2**40 - 1)] * 4
 
 
@@ -325,7 +373,7 @@ def test_sums_from_numeric_columns_are_exact_and_fractions_refused() -> None:
 
 
 def test_rollup_values_carry_sums_past_int64() -> None:
-    sketch = QuantileSketch.from_values([10.0] * 3, alpha=LOG_PARTS.alpha)
+    sketch = QuantileSketch.from_values([10.0] * 3, alpha=LOG_DELTAS.alpha)
     a = Acc([3, 1, 2**63 + 5, 2**64], sketch)
     b = Acc([3, 0, 2**63, 7], sketch.copy())
     total = fold([("k", a), ("k", b)])["k"]
@@ -366,7 +414,7 @@ def _merge_failing_on(bad: set[PartKeyT], merged: list[PartKeyT], error: Excepti
         if bad.intersection(keys):
             raise error
         merged.extend(keys)
-        stats.parts_read += len(keys)
+        stats.deltas_read += len(keys)
 
     return merge
 
@@ -384,13 +432,13 @@ def test_bisection_isolates_exactly_the_failing_keys(bad_count: int) -> None:
     stats = merger.MergeStats()
     corrupt = SketchDecodeError("crc mismatch")
     asyncio.run(
-        merger._merge_isolating(conn, LOG_PARTS, keys, _merge_failing_on(bad, merged, corrupt), stats)  # type: ignore[arg-type]
+        merger._merge_isolating(conn, LOG_DELTAS, keys, _merge_failing_on(bad, merged, corrupt), stats)  # type: ignore[arg-type]
     )
     assert sorted(merged, key=str) == sorted(set(keys) - bad, key=str)  # every good key, once
-    assert stats.parts_read == len(keys) - bad_count
+    assert stats.deltas_read == len(keys) - bad_count
     assert {i.key for i in stats.isolated} == bad
     assert [(a[0], a[1], a[2]) for a in conn.isolated] == [
-        ("log_aggregate_parts", k[0], [str(v) for v in k[1:]]) for k in (i.key for i in stats.isolated)
+        ("log_aggregate_deltas", k[0], [str(v) for v in k[1:]]) for k in (i.key for i in stats.isolated)
     ]
     assert all("SketchDecodeError: crc mismatch" in i.error for i in stats.isolated)
     # one savepoint when nothing fails; about 2·log2(n) more per bad key
@@ -404,7 +452,7 @@ def test_errors_not_about_data_fail_the_pass_instead_of_isolating() -> None:
     for error in (asyncpg.exceptions.UndefinedTableError("gone"), asyncpg.exceptions.SerializationError("x")):
         merge = _merge_failing_on({keys[3]}, [], error)
         with pytest.raises(type(error)):
-            asyncio.run(merger._merge_isolating(_Savepoints(), LOG_PARTS, keys, merge, merger.MergeStats()))  # type: ignore[arg-type]
+            asyncio.run(merger._merge_isolating(_Savepoints(), LOG_DELTAS, keys, merge, merger.MergeStats()))  # type: ignore[arg-type]
     assert merger.attributable_to_keys(asyncpg.exceptions.NumericValueOutOfRangeError("x"))
     assert merger.attributable_to_keys(SketchDecodeError("x"))
     assert not merger.attributable_to_keys(ConnectionResetError())
@@ -414,7 +462,7 @@ def test_an_isolation_record_survives_a_hostile_error_message() -> None:
     keys: list[PartKeyT] = [(HOUR, ORG, str(uuid.UUID(int=i)), "m") for i in range(4)]
     conn = _Savepoints()
     merge = _merge_failing_on({keys[1]}, [], ValueError("bad \x00 byte \udc80 and " + "x" * 5000))
-    asyncio.run(merger._merge_isolating(conn, LOG_PARTS, keys, merge, merger.MergeStats()))  # type: ignore[arg-type]
+    asyncio.run(merger._merge_isolating(conn, LOG_DELTAS, keys, merge, merger.MergeStats()))  # type: ignore[arg-type]
     (_table, _window, _key, error) = conn.isolated[0]
     assert "\x00" not in error and len(error) == 2000
     error.encode("utf-8")  # no lone surrogate left
@@ -425,18 +473,17 @@ def test_too_many_failing_keys_is_not_a_few_bad_keys() -> None:
     keys: list[PartKeyT] = [(HOUR, ORG, str(uuid.UUID(int=i)), "m") for i in range(300)]
     merge = _merge_failing_on(set(keys), [], ValueError("every key fails: a bug, not data"))
     with pytest.raises(merger.TooManyIsolatedKeys):
-        asyncio.run(merger._merge_isolating(_Savepoints(), LOG_PARTS, keys, merge, merger.MergeStats()))  # type: ignore[arg-type]
+        asyncio.run(merger._merge_isolating(_Savepoints(), LOG_DELTAS, keys, merge, merger.MergeStats()))  # type: ignore[arg-type]
 
 
-def test_numeric_part_sums_travel_as_text_and_come_back_exact() -> None:
+def test_numeric_delta_sums_travel_as_text_and_come_back_exact() -> None:
     from decimal import Decimal
 
     from sinks.aggregate_parts import exact_int
     from sinks.aggregates import _plain_rows
 
-    assert "p.sums::text[] AS sums" in read_sql(LOG_PARTS)
-    assert "::text[]" in upsert_sql(LOG_PARTS) and "]::numeric[]" in upsert_sql(LOG_PARTS)
-    assert LOG_PARTS.wire_sums([2**64, 3]) == [str(2**64), "3"]
+    assert "d.sums::text[] AS sums" in merger.select_sql(LOG_DELTAS)
+    assert "$7::text[]" in insert_sql(LOG_DELTAS) and "]::numeric[]" in insert_sql(LOG_DELTAS)
     assert exact_int(str(2**70)) == 2**70
     for bad in ("2.5", "1e3", ""):
         with pytest.raises(ValueError):
