@@ -197,6 +197,52 @@ def _query_var(name: str, label: str, query: Any, datasource: dict[str, str], mu
     return var
 
 
+# The read API (omnilog serve) is its own Prometheus job, named after its Service.
+_API_SEL = 'namespace=~"$namespace", job="omnilog-api"'
+
+
+def _api_panels(lay: _Layout) -> None:
+    """Latency per route and errors of the read API (pipeline/api; docs/security.md)."""
+    lay.row("Read API")
+    latency = "omnilog_api_request_duration_seconds_bucket"
+    lay.add(
+        _timeseries(
+            "API latency per route (p50, p99)",
+            [
+                _prom(
+                    f"histogram_quantile({q}, sum by (route, le) "
+                    f"(rate({latency}{{{_API_SEL}}}[$__rate_interval])))",
+                    f"{{{{route}}}} p{int(q * 100)}",
+                )
+                for q in (0.5, 0.99)
+            ],
+            "s",
+            "Request latency of the read API until the last byte is sent, per route template.",
+            _PROM,
+            thresholds=[(1.0, "orange"), (5.0, "red")],
+        ),
+        w=12,
+    )
+    requests = "omnilog_api_requests_total"
+    lay.add(
+        _timeseries(
+            "API requests and errors",
+            [
+                _prom(
+                    f'sum by (status) (rate({requests}{{{_API_SEL}, status=~"[45].."}}[$__rate_interval]))',
+                    "{{status}}",
+                ),
+                _prom(f"sum(rate({requests}{{{_API_SEL}}}[$__rate_interval]))", "all requests"),
+            ],
+            "reqps",
+            "Requests per second, and those answered with an error per status code (401: bad keys, "
+            "429: rate-limited keys, 5xx: the API or its dependencies).",
+            _PROM,
+        ),
+        w=12,
+    )
+
+
 def pipeline_dashboard() -> Panel:
     lay = _Layout()
     lay.row("Now")
@@ -577,6 +623,7 @@ def pipeline_dashboard() -> Panel:
         ),
         w=8,
     )
+    _api_panels(lay)
     templating = [
         _datasource_var("prometheus", "Prometheus"),
         _query_var(

@@ -31,7 +31,12 @@ from tests.deploy.support import (
 
 # The oldest Kubernetes we support (CronJob timeZone is GA from 1.27) and the newest schemas shipped.
 K8S_VERSIONS = ["1.28.0", "1.37.0"]
-SECRET_KEYS = {"OMNILOG_DATABASE_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+SECRET_KEYS = {
+    "OMNILOG_DATABASE_URL",
+    "OMNILOG_API_DATABASE_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+}
 
 Rendered = dict[str, list[Manifest]]
 
@@ -138,7 +143,9 @@ def test_every_pod_is_unprivileged_with_a_read_only_root(rendered: Rendered, var
 def test_secrets_are_references_to_one_mounted_env_file(rendered: Rendered, variant: str) -> None:
     for name, spec in pod_specs(rendered[variant]):
         secret_volumes = [v for v in spec["volumes"] if "secret" in v]
-        assert [v["secret"]["secretName"] for v in secret_volumes] == ["omnilog-secrets"], name
+        # The API has its own Secret: its pods never hold the owner's database URL (docs/security.md).
+        expected = "omnilog-api-secrets" if name == "Deployment/omnilog-api" else "omnilog-secrets"
+        assert [v["secret"]["secretName"] for v in secret_volumes] == [expected], name
         (container,) = spec["containers"]
         mount = next(m for m in container["volumeMounts"] if m["name"] == secret_volumes[0]["name"])
         assert mount["readOnly"] is True
@@ -192,7 +199,7 @@ def test_selectors_connect_service_monitor_pdb_and_pods(rendered: Rendered, vari
     service = only(manifests, "Service", "omnilog-ingest")
     monitor = only(manifests, "ServiceMonitor", "omnilog-ingest")
     pdb = only(manifests, "PodDisruptionBudget", "omnilog-ingest")
-    policy = only(manifests, "NetworkPolicy")
+    policy = only(manifests, "NetworkPolicy", "omnilog")
 
     def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
         return all(labels.get(k) == v for k, v in selector.items())
@@ -213,7 +220,9 @@ def test_migrate_job_is_named_for_the_release_and_runs_the_same_image(
     rendered: Rendered, variant: str
 ) -> None:
     manifests = rendered[variant]
-    image = only(manifests, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]
+    image = only(manifests, "Deployment", "omnilog-ingest")["spec"]["template"]["spec"]["containers"][0][
+        "image"
+    ]
     job = only(manifests, "Job")
     tag = image.rsplit(":", 1)[1]
     assert job["metadata"]["name"] == "omnilog-migrate-" + re.sub(r"[^a-z0-9]+", "-", tag.lower())
@@ -233,9 +242,10 @@ def test_autoscaling_per_variant(rendered: Rendered) -> None:
     assert autoscalers("dev") == set()
     assert autoscalers("prod") == {"ScaledObject"}
     assert autoscalers("prod-hpa") == {"HorizontalPodAutoscaler"}
-    assert only(rendered["dev"], "Deployment")["spec"]["replicas"] == 1
+    assert only(rendered["dev"], "Deployment", "omnilog-ingest")["spec"]["replicas"] == 1
     for variant in ("prod", "prod-hpa"):
-        assert "replicas" not in only(rendered[variant], "Deployment")["spec"], "the autoscaler owns replicas"
+        ingest = only(rendered[variant], "Deployment", "omnilog-ingest")
+        assert "replicas" not in ingest["spec"], "the autoscaler owns replicas"
 
     scaled = only(rendered["prod"], "ScaledObject")
     assert scaled["spec"]["scaleTargetRef"]["name"] == "omnilog-ingest"

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, ProcessCollector
 
+from pipeline.api.middleware import ApiMetrics
 from pipeline.metrics import WorkerMetrics
 from tests.deploy.support import DASHBOARDS, KUBE, RULES_FILE
 
@@ -36,6 +37,7 @@ def exported_names() -> set[str]:
     """Sample names of a worker's registry, as Prometheus sees them when scraped."""
     registry = CollectorRegistry()
     WorkerMetrics(registry)
+    ApiMetrics(registry)  # the read API's (pipeline/api), scraped as job="omnilog-api"
     names: set[str] = set()
     for family in registry.collect():
         names.update(family.name + suffix for suffix in _SUFFIXES[family.type])
