@@ -1,30 +1,30 @@
-"""Per-partition parts + merger vs direct row merges, under contention on hot organization rows.
+"""Insert-only deltas + merger vs direct row merges, under contention on hot organization rows.
 
 Each writer is its own process (as ingest workers are) and commits batches of `--batch` events
 of one hot organization (4 servers x 5 methods, 95 % in the current hour, 5 % up to 6 hours
 late), one transaction per batch:
 
-- ``parts``: the batch is merged into the log_aggregates parts of the writer's own partition
-  (sinks/aggregate_parts.py); a merger task (sinks/merger.py) runs every `--merge-interval` s.
+- ``deltas``: the batch inserts its log_aggregates deltas (sinks/aggregate_parts.py); a merger
+  task (sinks/merger.py) folds them every `--merge-interval` s.
 - ``direct``: the batch merges straight into log_aggregates' rows at all three levels, hourly and
   daily: placeholder rows inserted in sorted key order, then ``SELECT ... ORDER BY key FOR UPDATE``
   (sorted, so concurrent writers cannot deadlock), sketches merged in Python, one UPDATE.
-- ``full``: what the worker really runs per batch: usage_events/mcp_usage rows and the log and
-  usage parts (the merger folds all of them).
+- ``full``: what the worker really runs per batch: usage_events/mcp_usage rows, the log and
+  usage deltas and the user sets (the merger folds all of them).
 
 Reported per strategy and writer count: the batch transaction's latency (p50 / p95 / max), the
-throughput across writers, and for ``parts`` the merge passes and the lag until a batch is
+throughput across writers, and with a merger the merge passes and the lag until a batch is
 visible in log_aggregates.
 
     .venv/bin/python bench/aggregate_contention.py --database-url postgresql://... [--batches 8]
 
-``--compare-sum-types`` instead times one writer's part writes (log, usage and per-user usage
-parts of each batch, one transaction per batch) into NUMERIC[] sums (migration 0005) and into
-copies of the parts tables with the former BIGINT[] sums, the two interleaved batch by batch on
-the same batches, so machine noise hits both alike.
+``--history-cost`` times the merge pass of one `--batch`-event batch of the hot organization
+(its rollup rows exist already) over growing histories of other organizations' rollup rows
+(`--history` rows, comma-separated), and counts the rollup rows the pass fetched and scanned
+(pg_stat_user_tables): a pass should cost the same whatever the history.
 
-``--isolation-cost`` times merge passes over `--batch` dirty log keys, clean and with one key whose
-stored sketch is corrupt (the pass bisects down to it, isolates it and merges the rest).
+``--isolation-cost`` times merge passes over `--batch` log keys with deltas, clean and with one
+key whose delta's sketch is corrupt (the pass bisects down to it, isolates it and folds the rest).
 
 A scratch database is created next to the given one and dropped at the end.
 """
@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import copy
 import json
 import os
 import random
@@ -42,7 +41,6 @@ import statistics
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -51,18 +49,8 @@ import orjson
 
 from pipeline.contract import ValidationPolicy, ValidEvent, validate_event
 from pipeline.sketch import QuantileSketch
-from sinks.aggregate_parts import (
-    LOG_PARTS,
-    USAGE_PARTS,
-    USAGE_USER_PARTS,
-    Acc,
-    AggregatePartsWriter,
-    PartTable,
-    log_parts,
-    merge_into_parts,
-    usage_parts,
-)
-from sinks.merger import daily_from_hourly, log_values, merge_until_clean, org_level, server_level
+from sinks.aggregate_parts import LOG_DELTAS, Acc, AggregateDeltasWriter, PartKey, insert_deltas, log_parts
+from sinks.merger import daily_from_hourly, log_values, merge_pass, merge_until_clean, org_level, server_level
 from sinks.migrate import migrate
 from sinks.partitions import ensure_day_partitions
 from sinks.usage import UsageRowsWriter
@@ -195,7 +183,7 @@ async def _writer(
     now = datetime.now(UTC)
     prepared = [make_batch(rng, size, now) for _ in range(batches)]
     conn = await asyncpg.connect(url)
-    parts, usage = AggregatePartsWriter(), UsageRowsWriter()
+    deltas, usage = AggregateDeltasWriter(), UsageRowsWriter()
     latencies: list[float] = []
     committed: list[float] = []
     try:
@@ -205,11 +193,11 @@ async def _writer(
             async with conn.transaction():
                 if strategy == "direct":
                     await direct_write(conn, batch)
-                elif strategy == "parts":
-                    await merge_into_parts(conn, LOG_PARTS, partition, log_parts(batch))
+                elif strategy == "deltas":
+                    await insert_deltas(conn, LOG_DELTAS, log_parts(batch))
                 else:
                     await usage.write(conn, batch, partition)
-                    await parts.write(conn, batch, partition)
+                    await deltas.write(conn, batch, partition)
             latencies.append(time.perf_counter() - t0)
             committed.append(time.time())
     finally:
@@ -231,8 +219,8 @@ async def _merger(
         while not stop.is_set():
             t0 = time.perf_counter()
             stats = await merge_until_clean(conn)
-            if stats is not None and stats.parts_read:
-                passes.append((time.time(), time.perf_counter() - t0, stats.parts_read))
+            if stats is not None and stats.deltas_read:
+                passes.append((time.time(), time.perf_counter() - t0, stats.deltas_read))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
     finally:
@@ -297,54 +285,88 @@ async def run_case(
         await admin.close()
 
 
-async def compare_sum_types(admin_url: str, batches: int, size: int) -> dict[str, Any]:
-    name = f"bench_sums_{uuid.uuid4().hex[:8]}"
+async def _scratch(admin_url: str, prefix: str) -> tuple[asyncpg.Connection, str, str]:
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(admin_url)
     await admin.execute(f'CREATE DATABASE "{name}"')
-    url = admin_url.rsplit("/", 1)[0] + "/" + name
+    return admin, name, admin_url.rsplit("/", 1)[0] + "/" + name
+
+
+_READS = """
+SELECT coalesce(sum(seq_tup_read), 0) AS seq_rows, coalesce(sum(idx_tup_fetch), 0) AS fetched
+FROM pg_stat_user_tables WHERE relname IN ('log_aggregates', 'usage_hourly', 'usage_daily')
+"""
+
+
+def _history_deltas(rows: int, first: int) -> dict[PartKey, Acc]:
+    """Log deltas that make about `rows` new rollup rows: one method of one server per
+    organization and hour (3 hourly rows each), over 80 days."""
+    sketch = QuantileSketch.from_values([10.0, 20.0], alpha=LOG_DELTAS.alpha)
+    hour0 = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+    out: dict[PartKey, Acc] = {}
+    for i in range(first, first + rows // 3):
+        org, hour = divmod(i, 80 * 24)
+        key = (hour0 - timedelta(hours=hour), str(uuid.UUID(int=0xA0000 + org)), SERVERS[0], "history")
+        out[key] = Acc([2, 0, 7, 9], sketch.copy())
+    return out
+
+
+async def history_cost(admin_url: str, histories: list[int], size: int, repeats: int) -> list[dict[str, Any]]:
+    admin, name, url = await _scratch(admin_url, "bench_hist")
+    results = []
     try:
         await migrate(url)
         conn = await asyncpg.connect(url)
-        tables = {"numeric": (LOG_PARTS, USAGE_PARTS, USAGE_USER_PARTS), "bigint": ()}
-        bigint: list[PartTable] = []
-        for table in tables["numeric"]:
-            twin = f"{table.name}_bigint"
-            await conn.execute(f"CREATE TABLE {twin} (LIKE {table.name} INCLUDING ALL)")
-            await conn.execute(f"ALTER TABLE {twin} ALTER COLUMN sums TYPE bigint[]")
-            bigint.append(replace(table, name=twin, sum_type="bigint"))
-        tables["bigint"] = tuple(bigint)
-        rng = random.Random(7)
+        stats_conn = await asyncpg.connect(url)
+        rng = random.Random(3)
         now = datetime.now(UTC)
-        prepared = [make_batch(rng, size, now) for _ in range(batches)]
-        seconds: dict[str, list[float]] = {"numeric": [], "bigint": []}
-        for i, batch in enumerate(prepared):
-            # Grouping is the same work for both: only the read, merge and upsert are timed.
-            grouped = (log_parts(batch), usage_parts(batch))
-            order = ("numeric", "bigint") if i % 2 == 0 else ("bigint", "numeric")
-            for kind in order:
-                log_table, usage_table, user_table = tables[kind]
-                log, usage = copy.deepcopy(grouped)
-                t0 = time.perf_counter()
+        probe = make_batch(rng, size, now)
+        async with conn.transaction():
+            await insert_deltas(conn, LOG_DELTAS, log_parts(probe))
+        await merge_until_clean(conn)  # the probe's rollup rows exist before every measurement
+        made = 0
+        for target in histories:
+            while made < target:
+                step = min(30_000, target - made)
                 async with conn.transaction():
-                    await merge_into_parts(conn, log_table, 0, log)
-                    await merge_into_parts(conn, usage_table, 0, usage.hourly)
-                    await merge_into_parts(conn, user_table, 0, usage.daily_users)
-                seconds[kind].append(time.perf_counter() - t0)
-        extra = sorted(n - b for n, b in zip(seconds["numeric"], seconds["bigint"], strict=True))
-        parts = await conn.fetchval(
-            "SELECT (SELECT count(*) FROM log_aggregate_parts) + (SELECT count(*) FROM usage_parts)"
-            " + (SELECT count(*) FROM usage_user_parts)"
-        )
+                    await insert_deltas(conn, LOG_DELTAS, _history_deltas(step, made // 3))
+                await merge_until_clean(conn)
+                made += step
+            await conn.execute("ANALYZE log_aggregates")
+            rollup_rows = await conn.fetchval("SELECT count(*) FROM log_aggregates")
+            timings, reads = [], []
+            folded = written = 0
+            for _ in range(repeats):
+                async with conn.transaction():
+                    await insert_deltas(conn, LOG_DELTAS, log_parts(probe))
+                await conn.execute("SELECT pg_stat_force_next_flush()")
+                before = await stats_conn.fetchrow(_READS)
+                t0 = time.perf_counter()
+                stats = await merge_pass(conn)
+                timings.append(time.perf_counter() - t0)
+                await conn.execute("SELECT pg_stat_force_next_flush()")
+                after = await stats_conn.fetchrow(_READS)
+                assert stats is not None and stats.deltas_read > 0 and before and after
+                folded, written = stats.deltas_folded, stats.log_rows
+                reads.append(
+                    (int(after["seq_rows"] - before["seq_rows"]), int(after["fetched"] - before["fetched"]))
+                )
+            results.append(
+                {
+                    "compare": "merge pass of one batch over a growing history",
+                    "batch": size,
+                    "log_aggregates_rows": rollup_rows,
+                    "deltas_folded": folded,
+                    "rollup_rows_written": written,
+                    "pass_ms_p50": round(_ms(timings, 0.5), 1),
+                    "pass_ms_min": round(_ms(timings, 0.0), 1),
+                    "rollup_rows_seq_scanned": sorted({r[0] for r in reads}),
+                    "rollup_rows_index_fetched": sorted({r[1] for r in reads}),
+                }
+            )
+        await stats_conn.close()
         await conn.close()
-        return {
-            "compare": "part read + merge + upsert per batch, NUMERIC[] vs BIGINT[] sums",
-            "batches": batches,
-            "batch": size,
-            "part_rows": parts,
-            **{f"{kind}_ms_p50": round(_ms(values, 0.5), 1) for kind, values in seconds.items()},
-            **{f"{kind}_ms_p95": round(_ms(values, 0.95), 1) for kind, values in seconds.items()},
-            "numeric_minus_bigint_ms_p50": round(1000 * extra[len(extra) // 2], 1),
-        }
+        return results
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
@@ -356,7 +378,7 @@ async def isolation_cost(admin_url: str, keys: int, repeats: int) -> dict[str, A
     await admin.execute(f'CREATE DATABASE "{name}"')
     url = admin_url.rsplit("/", 1)[0] + "/" + name
     hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
-    sketch = QuantileSketch.from_values([10.0, 20.0], alpha=LOG_PARTS.alpha)
+    sketch = QuantileSketch.from_values([10.0, 20.0], alpha=LOG_DELTAS.alpha)
     parts = {
         (hour, HOT_ORG, str(uuid.UUID(int=0x5E00 + i // 50)), f"method-{i % 50}"): Acc([2, 0, 7, 9], sketch)
         for i in range(keys)
@@ -367,12 +389,12 @@ async def isolation_cost(admin_url: str, keys: int, repeats: int) -> dict[str, A
         conn = await asyncpg.connect(url)
         for _ in range(repeats):
             for case, timings in seconds.items():
-                await conn.execute("TRUNCATE log_aggregate_parts, log_aggregates, aggregate_isolated_keys")
+                await conn.execute("TRUNCATE log_aggregate_deltas, log_aggregates, aggregate_isolated_keys")
                 async with conn.transaction():
-                    await merge_into_parts(conn, LOG_PARTS, 0, {k: a.copy() for k, a in parts.items()})
+                    await insert_deltas(conn, LOG_DELTAS, {k: a.copy() for k, a in parts.items()})
                 if case == "one_bad_key":
                     await conn.execute(
-                        "UPDATE log_aggregate_parts SET sketch = overlay(sketch placing '\\xff'::bytea "
+                        "UPDATE log_aggregate_deltas SET sketch = overlay(sketch placing '\\xff'::bytea "
                         "from 12) WHERE rpc_method = 'method-7' AND server_id = $1",
                         str(uuid.UUID(int=0x5E00 + 3)),
                     )
@@ -382,7 +404,7 @@ async def isolation_cost(admin_url: str, keys: int, repeats: int) -> dict[str, A
                 assert stats is not None and len(stats.isolated) == (case == "one_bad_key")
         await conn.close()
         return {
-            "compare": "merge pass over dirty log keys: clean vs one corrupt key (bisected, isolated)",
+            "compare": "merge pass over log keys with deltas: clean vs one corrupt key (bisected, isolated)",
             "keys": keys,
             **{f"{case}_ms_p50": round(_ms(values, 0.5), 1) for case, values in seconds.items()},
         }
@@ -397,11 +419,12 @@ async def main() -> None:
     parser.add_argument("--batches", type=int, default=8, help="batches per writer")
     parser.add_argument("--batch", type=int, default=5000, help="events per batch")
     parser.add_argument("--merge-interval", type=float, default=2.0)
-    parser.add_argument("--strategies", default="parts,direct,full")
+    parser.add_argument("--strategies", default="deltas,direct,full")
     parser.add_argument("--writers", default="1,3")
     parser.add_argument(
-        "--compare-sum-types", action="store_true", help="time part writes with NUMERIC[] vs BIGINT[] sums"
+        "--history-cost", action="store_true", help="time a merge pass of one batch over growing histories"
     )
+    parser.add_argument("--history", default="0,30000,90000,270000", help="rollup rows of history")
     parser.add_argument(
         "--isolation-cost", action="store_true", help="time merge passes with one key to isolate"
     )
@@ -411,8 +434,10 @@ async def main() -> None:
     if args.isolation_cost:
         print(json.dumps(await isolation_cost(args.database_url, args.batch, args.batches)), flush=True)
         return
-    if args.compare_sum_types:
-        print(json.dumps(await compare_sum_types(args.database_url, args.batches, args.batch)), flush=True)
+    if args.history_cost:
+        histories = [int(h) for h in args.history.split(",")]
+        for result in await history_cost(args.database_url, histories, args.batch, args.batches):
+            print(json.dumps(result), flush=True)
         return
     for writers in (int(w) for w in args.writers.split(",")):
         for strategy in args.strategies.split(","):

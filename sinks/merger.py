@@ -737,6 +737,7 @@ class MergerLoop:
         self._next_shard = random.randrange(len(self.shards))
         self._last_prune = 0.0
         self._views_ready = False
+        self._stop: asyncio.Event | None = None
 
     async def __call__(
         self, pool: asyncpg.Pool, metrics: WorkerMetrics | None = None, stop: asyncio.Event | None = None
@@ -744,6 +745,7 @@ class MergerLoop:
         """Rounds until cancelled, or until `stop` is set (the round in progress finishes)."""
         metrics = metrics if metrics is not None else WorkerMetrics(CollectorRegistry())
         stop = stop if stop is not None else asyncio.Event()
+        self._stop = stop
         policy = RetryPolicy(metrics, self.retry_max_s)
 
         # A coroutine function, not a lambda returning a coroutine: tenacity awaits only the former.
@@ -787,6 +789,8 @@ class MergerLoop:
                     self._views_ready = True
                 total: MergeStats | None = None
                 for shard in self._rotation():
+                    if self._stop is not None and self._stop.is_set():
+                        break  # stopping: the shards not visited wait for the next merger
                     stats = await merge_until_clean(conn, self.limit, shard=shard)
                     self.last_progress = time.monotonic()
                     if stats is not None:
