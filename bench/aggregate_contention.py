@@ -23,6 +23,10 @@ visible in log_aggregates.
 (`--history` rows, comma-separated), and counts the rollup rows the pass fetched and scanned
 (pg_stat_user_tables): a pass should cost the same whatever the history.
 
+``--loop-lag`` measures how late a 1 ms sleep wakes up on an event loop while a merger folds
+`--batches` full batches' deltas, the merger running on that loop vs on its own thread
+(`MergerThread`, how a worker runs its in-process merger).
+
 ``--isolation-cost`` times merge passes over `--batch` log keys with deltas, clean and with one
 key whose delta's sketch is corrupt (the pass bisects down to it, isolates it and folds the rest).
 
@@ -46,11 +50,23 @@ from typing import Any
 
 import asyncpg
 import orjson
+from prometheus_client import CollectorRegistry
 
 from pipeline.contract import ValidationPolicy, ValidEvent, validate_event
+from pipeline.metrics import WorkerMetrics
 from pipeline.sketch import QuantileSketch
 from sinks.aggregate_parts import LOG_DELTAS, Acc, AggregateDeltasWriter, PartKey, insert_deltas, log_parts
-from sinks.merger import daily_from_hourly, log_values, merge_pass, merge_until_clean, org_level, server_level
+from sinks.merger import (
+    MergerLoop,
+    MergerThread,
+    daily_from_hourly,
+    log_values,
+    merge_pass,
+    merge_until_clean,
+    org_level,
+    pending_deltas,
+    server_level,
+)
 from sinks.migrate import migrate
 from sinks.partitions import ensure_day_partitions
 from sinks.usage import UsageRowsWriter
@@ -372,6 +388,72 @@ async def history_cost(admin_url: str, histories: list[int], size: int, repeats:
         await admin.close()
 
 
+async def _ticks(stop: asyncio.Event, lags: list[float]) -> None:
+    """How late a 1 ms sleep wakes up: the stalls an ingest loop would see."""
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        await asyncio.sleep(0.001)
+        lags.append(time.perf_counter() - t0 - 0.001)
+
+
+async def loop_lag(admin_url: str, batches: int, size: int, repeats: int) -> list[dict[str, Any]]:
+    """Event-loop stalls while a merger folds `batches` full batches' deltas: the merger on the
+    measured loop itself vs on its own thread and loop (`MergerThread`, a worker's in-process
+    merger)."""
+    admin, name, url = await _scratch(admin_url, "bench_lag")
+    results = []
+    try:
+        await migrate(url)
+        conn = await asyncpg.connect(url)
+        now = datetime.now(UTC)
+        for table in ("usage_events", "mcp_usage"):
+            await ensure_day_partitions(conn, table, [now.date() - timedelta(days=1), now.date()])
+        rng = random.Random(1)
+        for _ in range(repeats):
+            for mode in ("same loop", "own thread"):
+                for _ in range(batches):
+                    batch = make_batch(rng, size, now)
+                    async with conn.transaction():
+                        await UsageRowsWriter().write(conn, batch, 0)
+                        await AggregateDeltasWriter().write(conn, batch, 0)
+                stop, lags = asyncio.Event(), list[float]()
+                ticker = asyncio.create_task(_ticks(stop, lags))
+                merger_loop = MergerLoop(0.05, 90)
+                metrics = WorkerMetrics(CollectorRegistry())
+                t0 = time.perf_counter()
+                pool = await asyncpg.create_pool(url, min_size=1, max_size=1)
+                assert pool is not None
+                job = asyncio.create_task(
+                    merger_loop(pool, metrics)
+                    if mode == "same loop"
+                    else MergerThread(merger_loop, url)(pool, metrics)
+                )
+                while await pending_deltas(conn):  # noqa: ASYNC110 - polls the database, not an event
+                    await asyncio.sleep(0.02)
+                took = time.perf_counter() - t0
+                job.cancel()
+                await asyncio.gather(job, return_exceptions=True)
+                await pool.close()
+                stop.set()
+                await ticker
+                results.append(
+                    {
+                        "compare": "event-loop stalls while the merger folds",
+                        "merger": mode,
+                        "batches": batches,
+                        "fold_s": round(took, 2),
+                        "lag_ms_p50": round(_ms(lags, 0.5), 2),
+                        "lag_ms_p99": round(_ms(lags, 0.99), 1),
+                        "lag_ms_max": round(_ms(lags, 1.0), 1),
+                    }
+                )
+        await conn.close()
+        return results
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
 async def isolation_cost(admin_url: str, keys: int, repeats: int) -> dict[str, Any]:
     name = f"bench_iso_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(admin_url)
@@ -426,6 +508,9 @@ async def main() -> None:
     )
     parser.add_argument("--history", default="0,30000,90000,270000", help="rollup rows of history")
     parser.add_argument(
+        "--loop-lag", action="store_true", help="event-loop stalls: merger on the loop vs on its thread"
+    )
+    parser.add_argument(
         "--isolation-cost", action="store_true", help="time merge passes with one key to isolate"
     )
     args = parser.parse_args()
@@ -433,6 +518,10 @@ async def main() -> None:
         parser.error("--database-url or OMNILOG_DATABASE_URL is required")
     if args.isolation_cost:
         print(json.dumps(await isolation_cost(args.database_url, args.batch, args.batches)), flush=True)
+        return
+    if args.loop_lag:
+        for result in await loop_lag(args.database_url, args.batches, args.batch, repeats=2):
+            print(json.dumps(result), flush=True)
         return
     if args.history_cost:
         histories = [int(h) for h in args.history.split(",")]
