@@ -237,7 +237,7 @@ async def test_uploads_held_through_a_long_outage_are_renewed(
 ):
     """An upload older than REUPLOAD_AFTER_S is re-uploaded under a new key before the commit, so
     the janitor's orphan sweep can never delete an object a slow commit then points at."""
-    from consumers.ingest import flush as flush_module
+    from pipeline.processing import flush as flush_module
 
     monkeypatch.setattr(flush_module, "REUPLOAD_AFTER_S", 1.0)
     settings = make_settings(database_url=fresh_database_url, batch_max_age_s=0.3, retry_max_s=1.0)

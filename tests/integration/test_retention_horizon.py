@@ -15,6 +15,7 @@ from click.testing import CliRunner, Result
 
 from consumers.ingest.factory import partition_ensurer
 from pipeline.cli import cli
+from pipeline.processing.offsets import HorizonMoved
 from pipeline.settings import Settings
 from sinks.janitor import expire_objects
 from sinks.migrate import migrate
@@ -113,9 +114,11 @@ async def test_the_workers_ensurer_reads_the_horizon_before_trusting_its_cache(c
     assert all([await _exists(worker, t, EXPIRED) for t in DAY_TABLES])
 
     await drop_expired(maintain, 90, today=TODAY)
-    with pytest.raises(PartitionExpired) as refused:
+    # The worker's ensurer turns the refusal into HorizonMoved: the flush dead-letters those events.
+    with pytest.raises(HorizonMoved) as refused:
         await ensure(worker, {EXPIRED, TODAY})
-    assert refused.value.days == [EXPIRED]
+    assert refused.value.horizon == TODAY - timedelta(days=90)
+    assert isinstance(refused.value.__cause__, PartitionExpired) and refused.value.__cause__.days == [EXPIRED]
     assert not any([await _exists(worker, t, EXPIRED) for t in DAY_TABLES])
     await ensure(worker, {TODAY})  # the days still accepted are unaffected
 
