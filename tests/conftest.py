@@ -115,6 +115,9 @@ def make_settings(stack_info: StackInfo) -> Callable[..., Settings]:
             "OMNILOG_DLQ_TOPIC": f"test.{suffix}.dlq",
             "OMNILOG_CONSUMER_GROUP": f"test-{suffix}",
             "OMNILOG_S3_BUCKET": f"test-{suffix}",
+            # Any free port: tests run side by side (pytest-xdist, other sessions on the machine),
+            # and the default 9400 would collide. A test that needs it reads worker.health.bound_port.
+            "OMNILOG_METRICS_PORT": "0",
         }
         values.update({_alias(key): value for key, value in overrides.items()})
         settings = load_settings(None, **values)
