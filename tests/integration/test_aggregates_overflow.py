@@ -8,7 +8,8 @@
   persisted, the other keys' rollups are exact, the gauge, counter and ERROR log show it; later
   passes skip it; releasing it after the fix merges it.
 - MergerLoop retries a retriable failure through the retry policy (attempts counted) and ends
-  with a PermanentError on a fatal one.
+  with a PermanentError on a fatal one; a worker's MergerThread runs it on its own thread and
+  hands that error back.
 - `omnilog aggregates isolated` lists the isolated keys, `release --org` releases some of them.
 """
 
@@ -19,6 +20,7 @@ import logging
 import os
 import random
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -411,3 +413,39 @@ async def test_operators_list_and_release_isolated_keys_from_the_command_line(
     out = await _omnilog(fresh_database_url, "release", "--org", BIG_ORG)
     assert out.strip() == "released 1 isolated aggregate keys"
     assert [r["key_values"][0] for r in await merger.list_isolated(db)] == [OTHER_ORG]
+
+
+async def test_a_workers_merger_thread_folds_off_its_loop_and_hands_back_a_fatal_error(
+    fresh_database_url: str, db: asyncpg.Connection
+) -> None:
+    """`MergerThread` (a worker's in-process merger): the passes run on a thread of its own, a
+    cancelled job stops and joins that thread, and a permanent error of the loop ends the job with
+    that error (which the worker turns into its own fatal stop)."""
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry)
+    async with db.transaction():
+        await AggregateDeltasWriter().write(db, _method_events(BIG_ORG, "a", 10, 1), 0)
+
+    def merger_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "omnilog-merger"]
+
+    job = merger.MergerThread(merger.MergerLoop(interval_s=0.05, max_event_age_days=90), fresh_database_url)
+    task = asyncio.create_task(job(None, metrics))  # type: ignore[arg-type]  # the worker's pool is not used
+    for _ in range(200):
+        if await db.fetchval("SELECT count(*) FROM log_aggregates"):
+            break
+        await asyncio.sleep(0.05)
+    assert len(merger_threads()) == 1 and not task.done()
+    assert await merger.pending_deltas(db) == 0
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert merger_threads() == []
+
+    await db.execute("DROP TABLE aggregate_isolated_keys")
+    async with db.transaction():
+        await AggregateDeltasWriter().write(db, _method_events(BIG_ORG, "b", 3, 2), 0)
+    fatal = asyncio.create_task(job(None, metrics))  # type: ignore[arg-type]
+    with pytest.raises(PermanentError) as ended:
+        await asyncio.wait_for(fatal, 20)
+    assert ended.value.kind is ErrorKind.FATAL and ended.value.operation == "merge"
+    assert merger_threads() == []
