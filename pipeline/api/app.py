@@ -24,6 +24,7 @@ from fastapi import Depends, FastAPI, Path, Query, Request, Security
 from fastapi.openapi.utils import get_openapi
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel
 from starlette.responses import PlainTextResponse, Response
 
 from pipeline.api import problems
@@ -31,10 +32,11 @@ from pipeline.api.limits import RateLimiter, retry_after_header
 from pipeline.api.middleware import ApiMetrics, GuardMiddleware
 from pipeline.api.models import AggregateRow, AggregatesPage, Level, LogRow, LogsPage, UsagePage, UsageRow
 from pipeline.api.problems import ApiProblem, Problem
-from pipeline.api.tenancy import check_role, create_pool, tenant_transaction
+from pipeline.api.tenancy import check_role, create_pool, tenant_transaction, tenant_transaction_on
 from pipeline.settings import Settings
 from sinks.aggregates import AggregatesQuery, query_log_aggregates, query_usage
 from sinks.api_keys import AuthenticatedKey, authenticate, record_use
+from sinks.db import Connection
 from sinks.objects import ObjectWriter, s3_client
 from sinks.readpath import (
     BodyError,
@@ -75,21 +77,18 @@ def _state(request: Request) -> ApiState:
 _bearer = HTTPBearer(auto_error=False, description="An organization API key: `omnilog keys create`.")
 
 
-async def authenticated(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
-) -> AuthenticatedKey:
-    challenge = {"WWW-Authenticate": 'Bearer realm="omnilog"'}
-    if credentials is None:
-        raise ApiProblem(401, "unauthenticated", "an API key is required (Authorization: Bearer)", challenge)
-    state = _state(request)
-    async with state.pool.acquire() as conn:
-        key = await authenticate(conn, credentials.credentials)
-        if key is None:
-            raise ApiProblem(401, "unauthenticated", "unknown or revoked API key", challenge)
-        now = time.monotonic()
-        if now - state.touched.get(key.id, -_TOUCH_EVERY_S) >= _TOUCH_EVERY_S:
-            state.touched[key.id] = now
-            await record_use(conn, key)
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="omnilog"'}
+
+
+async def _verified(state: ApiState, conn: Connection, presented: str) -> AuthenticatedKey:
+    """The key, its use recorded (at most once a minute) and its rate checked; else 401 / 429."""
+    key = await authenticate(conn, presented)
+    if key is None:
+        raise ApiProblem(401, "unauthenticated", "unknown or revoked API key", _CHALLENGE)
+    now = time.monotonic()
+    if now - state.touched.get(key.id, -_TOUCH_EVERY_S) >= _TOUCH_EVERY_S:
+        state.touched[key.id] = now
+        await record_use(conn, key)
     wait = state.limiter.acquire(key.id)
     if wait > 0:
         raise ApiProblem(
@@ -98,7 +97,43 @@ async def authenticated(
     return key
 
 
+def _presented(credentials: HTTPAuthorizationCredentials | None) -> str:
+    if credentials is None:
+        raise ApiProblem(401, "unauthenticated", "an API key is required (Authorization: Bearer)", _CHALLENGE)
+    return credentials.credentials
+
+
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
+
+
+async def authenticated(request: Request, credentials: Credentials) -> AuthenticatedKey:
+    """The key alone, on a connection that goes back to the pool at once (for routes that read
+    object storage after the database, which should not hold a connection meanwhile)."""
+    presented = _presented(credentials)
+    state = _state(request)
+    async with state.pool.acquire() as conn:
+        return await _verified(state, conn, presented)
+
+
+@dataclass(frozen=True)
+class Tenant:
+    key: AuthenticatedKey
+    conn: Connection  # in the request's read-only transaction, app.current_org set to key's
+
+
+async def tenant(request: Request, credentials: Credentials) -> AsyncIterator[Tenant]:
+    """Authenticate and open the tenant transaction on one pooled connection (one acquisition
+    per request); the transaction ends, and the connection returns, when the route returns."""
+    presented = _presented(credentials)
+    state = _state(request)
+    async with state.pool.acquire() as conn:
+        key = await _verified(state, conn, presented)
+        async with tenant_transaction_on(conn, key):
+            yield Tenant(key, conn)
+
+
 Key = Annotated[AuthenticatedKey, Depends(authenticated)]
+TenantScope = Annotated[Tenant, Depends(tenant, scope="function")]
 Since = Annotated[datetime | None, Query(description="Start of the range (RFC 3339); default: until - 24 h.")]
 Until = Annotated[datetime | None, Query(description="End of the range, exclusive (RFC 3339); default: now.")]
 Window = Annotated[Literal["hourly", "daily"], Query()]
@@ -158,6 +193,12 @@ def _log_row(row: dict[str, Any]) -> LogRow:
     )
 
 
+def _json(page: BaseModel) -> Response:
+    """The page serialised once, by pydantic-core (returning the model would have FastAPI
+    validate it a second time against the route's response_model, which only documents it)."""
+    return Response(page.model_dump_json(), media_type="application/json")
+
+
 _PROBLEMS: dict[int | str, dict[str, Any]] = {
     status: {"model": Problem, "description": description}
     for status, description in (
@@ -184,8 +225,7 @@ def _routes(app: FastAPI, settings: Settings) -> None:
         tags=["logs"],
     )
     async def logs(
-        request: Request,
-        key: Key,
+        scope: TenantScope,
         since: Since = None,
         until: Until = None,
         server_id: Annotated[uuid.UUID | None, Query()] = None,
@@ -197,10 +237,10 @@ def _routes(app: FastAPI, settings: Settings) -> None:
         user_id: Annotated[str | None, Query(max_length=255, pattern=_TEXT)] = None,
         limit: Annotated[int, Query(ge=1, le=max_page)] = 100,
         cursor: Annotated[str | None, Query(max_length=512, pattern=_TEXT)] = None,
-    ) -> LogsPage:
+    ) -> Response:
         start, end = time_range(since, until, max_days)
         flt = QueryFilter(
-            organization_id=key.organization_id,
+            organization_id=scope.key.organization_id,
             server_id=str(server_id) if server_id else None,
             session_id=str(session_id) if session_id else None,
             rpc_method=method,
@@ -211,11 +251,10 @@ def _routes(app: FastAPI, settings: Settings) -> None:
             since=start,
             until=end,
         )
-        async with tenant_transaction(_state(request).pool, key) as conn:
-            rows, next_cursor = await query_index(
-                conn, flt, limit, _checked_cursor(cursor) if cursor else None
-            )
-        return LogsPage(items=[_log_row(row) for row in rows], next_cursor=next_cursor)
+        rows, next_cursor = await query_index(
+            scope.conn, flt, limit, _checked_cursor(cursor) if cursor else None
+        )
+        return _json(LogsPage(items=[_log_row(row) for row in rows], next_cursor=next_cursor))
 
     @app.get(
         "/v1/events/{event_id}",
@@ -256,8 +295,7 @@ def _routes(app: FastAPI, settings: Settings) -> None:
         tags=["aggregates"],
     )
     async def aggregates(
-        request: Request,
-        key: Key,
+        scope: TenantScope,
         window: Window = "hourly",
         level: Annotated[
             Literal["org", "server", "method"] | None,
@@ -267,11 +305,11 @@ def _routes(app: FastAPI, settings: Settings) -> None:
         until: Until = None,
         server_id: Annotated[uuid.UUID | None, Query()] = None,
         method: Annotated[str | None, Query(max_length=100, pattern=_TEXT)] = None,
-    ) -> AggregatesPage:
+    ) -> Response:
         start, end = time_range(since, until, max_days)
         chosen = level or ("method" if method is not None else "server" if server_id is not None else "org")
         query = AggregatesQuery(
-            organization_id=key.organization_id,
+            organization_id=scope.key.organization_id,
             window=window,
             since=start,
             until=end,
@@ -279,9 +317,8 @@ def _routes(app: FastAPI, settings: Settings) -> None:
             server_id=str(server_id) if server_id else None,
             rpc_method=method,
         )
-        async with tenant_transaction(_state(request).pool, key) as conn:
-            rows = await query_log_aggregates(conn, query)
-        return AggregatesPage(items=[AggregateRow.model_validate(row) for row in rows])
+        rows = await query_log_aggregates(scope.conn, query)
+        return _json(AggregatesPage(items=[AggregateRow.model_validate(row) for row in rows]))
 
     @app.get(
         "/v1/usage",
@@ -291,12 +328,11 @@ def _routes(app: FastAPI, settings: Settings) -> None:
         tags=["usage"],
     )
     async def usage(
-        request: Request, key: Key, window: Window = "hourly", since: Since = None, until: Until = None
-    ) -> UsagePage:
+        scope: TenantScope, window: Window = "hourly", since: Since = None, until: Until = None
+    ) -> Response:
         start, end = time_range(since, until, max_days)
-        async with tenant_transaction(_state(request).pool, key) as conn:
-            rows = await query_usage(conn, key.organization_id, window, start, end)
-        return UsagePage(items=[UsageRow.model_validate(row) for row in rows])
+        rows = await query_usage(scope.conn, scope.key.organization_id, window, start, end)
+        return _json(UsagePage(items=[UsageRow.model_validate(row) for row in rows]))
 
     @app.get("/healthz", response_class=PlainTextResponse, tags=["operations"], summary="Liveness")
     async def healthz() -> str:

@@ -69,7 +69,13 @@ async def check_role(conn: Connection) -> str:
 
 
 @asynccontextmanager
-async def tenant_transaction(pool: asyncpg.Pool[Any], key: AuthenticatedKey) -> AsyncIterator[Connection]:
-    async with pool.acquire() as conn, conn.transaction(readonly=True):
+async def tenant_transaction_on(conn: Connection, key: AuthenticatedKey) -> AsyncIterator[Connection]:
+    async with conn.transaction(readonly=True):
         await conn.execute("SELECT set_config('app.current_org', $1, true)", key.organization_id)
         yield conn
+
+
+@asynccontextmanager
+async def tenant_transaction(pool: asyncpg.Pool[Any], key: AuthenticatedKey) -> AsyncIterator[Connection]:
+    async with pool.acquire() as conn, tenant_transaction_on(conn, key) as tenant_conn:
+        yield tenant_conn
