@@ -768,3 +768,71 @@ async def test_a_pass_reads_only_the_rollup_rows_of_its_deltas_whatever_the_hist
     finally:
         await merger_conn.close()
         await conn.close()
+
+
+async def test_migration_0007_keeps_rollups_and_the_unique_users_of_open_windows(
+    fresh_database_url: str, tmp_path: Path
+) -> None:
+    """Upgrading from the parts layout: the rollup rows stay, the user sets are seeded from the
+    old hour-user rows (one per partition there), so a user already counted in an open hour or day
+    is not counted again by the first batch after the upgrade."""
+    from sinks.migrate import MIGRATIONS_DIR
+
+    before = tmp_path / "before"
+    before.mkdir()
+    for path in sorted(MIGRATIONS_DIR.glob("000[1-6]_*.sql")):
+        (before / path.name).write_text(path.read_text())
+    url = fresh_database_url
+    await migrate(url, directory=before)
+    now = datetime.now(UTC)
+    hour = now.replace(minute=0, second=0, microsecond=0)
+    org, project = ORGS[0], str(uuid.UUID(int=0xC001))
+    conn = await asyncpg.connect(url)
+    try:
+        for partition in (0, 3):  # the old table keyed users by source partition as well
+            await conn.execute(
+                "INSERT INTO usage_hour_users VALUES ($1, $2, $3, 'm', 'old-user', $4)",
+                hour,
+                org,
+                project,
+                partition,
+            )
+        await conn.execute(
+            "INSERT INTO usage_hourly (bucket, org_id, project_id, model, request_count, unique_users, "
+            "latency_sketch) VALUES ($1, $2, $3, 'm', 1, 1, $4)",
+            hour,
+            org,
+            project,
+            QuantileSketch.from_values([5.0]).to_bytes(),
+        )
+        assert await migrate(url) == [
+            p.stem for p in sorted(MIGRATIONS_DIR.glob("*.sql")) if p.name >= "0007"
+        ]
+        assert await conn.fetchval("SELECT to_regclass('log_aggregate_parts')") is None
+        day = hour.replace(hour=0)
+        assert [tuple(r) for r in await conn.fetch("SELECT window_start, user_id FROM usage_day_users")] == [
+            (day, "old-user")
+        ]
+        body = {
+            "organization_id": org,
+            "project_id": project,
+            "model": "m",
+            "started_at": _stamp(now),
+            "duration_ms": 7,
+        }
+        events = _valid(
+            [body | {"event_id": str(uuid.uuid4()), "user_id": user} for user in ("old-user", "new-user")],
+            now,
+        )
+        await _write_batch(url, events)
+        await merger.merge_until_clean(conn)
+        assert (
+            await conn.fetchval(
+                "SELECT (request_count, unique_users)::text FROM usage_hourly"
+                " WHERE bucket = $1 AND model = 'm'",
+                hour,
+            )
+            == "(3,2)"
+        )
+    finally:
+        await conn.close()
