@@ -10,7 +10,14 @@ calls per (hour, org, server, tool) from `mcp_usage`.
   on, the freshness of the rest holds here too), refreshed by a policy whose `start_offset`
   covers the longest accepted lateness (`OMNILOG_MAX_EVENT_AGE_DAYS`), so late events are folded
   in; compressed after 7 days like the raw rows.
-- Native PostgreSQL: a plain view with the same name and columns, computed on read.
+- Native PostgreSQL: a plain view with the same name and columns, computed on read. It reads
+  as its caller (`security_invoker`), so the row security of `mcp_usage` (migration 0008)
+  applies to whoever queries it; as the owner's view it would show every organization.
+- TimescaleDB with row security on `mcp_usage`: TimescaleDB refuses a continuous aggregate on a
+  hypertable with row security ("cannot create continuous aggregate on hypertable with row
+  security"), and 0008 enables it on every uncompressed tenant table. Row security wins: the
+  rollup is then the same plain view as on native PostgreSQL, computed on read from the
+  (protected) raw rows. Proven on a real TimescaleDB in tests/timescale.
 
 `rollup_statements` generates the statements (parsed with pglast in the unit tests);
 `ensure_rollup_views` applies them once (idempotent), from the merger.
@@ -41,10 +48,13 @@ GROUP BY {group}, org_id, server_id, tool_name
 """
 
 
-def rollup_statements(backend: Backend, max_event_age_days: int) -> list[str]:
-    if backend is Backend.NATIVE:
+def rollup_statements(backend: Backend, max_event_age_days: int, *, row_security: bool = False) -> list[str]:
+    """The statements creating the rollup on `backend`; `row_security`: mcp_usage has it enabled
+    (then TimescaleDB cannot aggregate it continuously: the plain view is used there too)."""
+    if backend is Backend.NATIVE or row_security:
         select = _SELECT.format(bucket="date_trunc('hour', time)", group="1")
-        return [f"CREATE OR REPLACE VIEW {MCP_USAGE_HOURLY} AS {select.strip()}"]
+        view = f"CREATE OR REPLACE VIEW {MCP_USAGE_HOURLY} WITH (security_invoker = true)"
+        return [f"{view} AS {select.strip()}"]
     select = _SELECT.format(bucket="time_bucket(INTERVAL '1 hour', time)", group="1")
     lateness = max_event_age_days + 1
     return [
@@ -60,6 +70,8 @@ def rollup_statements(backend: Backend, max_event_age_days: int) -> list[str]:
     ]
 
 
+_ROW_SECURITY = "SELECT relrowsecurity FROM pg_class WHERE oid = to_regclass($1)"
+
 # pg_advisory_xact_lock key serialising workers that create the views at the same time.
 _LOCK_KEY: Final = 0x6F6D6E69766577  # "omniview"
 
@@ -72,6 +84,7 @@ async def ensure_rollup_views(conn: Connection, max_event_age_days: int) -> Back
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
         if await conn.fetchval("SELECT to_regclass($1) IS NULL", MCP_USAGE_HOURLY):
-            for statement in rollup_statements(backend, max_event_age_days):
+            row_security = bool(await conn.fetchval(_ROW_SECURITY, "mcp_usage"))
+            for statement in rollup_statements(backend, max_event_age_days, row_security=row_security):
                 await conn.execute(statement)
     return backend

@@ -31,13 +31,27 @@ def _call(sql: str) -> tuple[str, dict[str, str]]:
     return str(names[-1].sval), named
 
 
-def test_native_is_a_plain_view_grouped_by_hour() -> None:
-    (statement,) = rollup_statements(Backend.NATIVE, 90)
+def _plain_view(statements: list[str]) -> Any:
+    (statement,) = statements
     stmt = _stmt(statement)
     assert isinstance(stmt, ast.ViewStmt)
     view: Any = stmt
     assert view.replace and view.view.relname == MCP_USAGE_HOURLY
     assert "date_trunc('hour', time)" in statement
+    # Reads as its caller: mcp_usage's row security applies to whoever queries the view.
+    options = {(o.defname, RawStream()(o.arg)) for o in view.options}
+    assert options == {("security_invoker", "'true'")}
+    return view
+
+
+def test_native_is_a_plain_view_grouped_by_hour() -> None:
+    _plain_view(rollup_statements(Backend.NATIVE, 90))
+
+
+@pytest.mark.parametrize("backend", list(Backend))
+def test_row_security_on_mcp_usage_means_the_plain_view(backend: Backend) -> None:
+    # TimescaleDB refuses a continuous aggregate over a table with row security.
+    _plain_view(rollup_statements(backend, 90, row_security=True))
 
 
 @pytest.mark.parametrize("age", [1, 30, 90])
