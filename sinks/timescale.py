@@ -1,9 +1,10 @@
 """The TimescaleDB variant of the time-partitioned tables: detection and generated statements.
 
-TimescaleDB cannot be installed on the development machine, so every statement of this path is
-generated here as text (parsed with a PostgreSQL parser in tests/unit/test_timescale_sql.py) and
-the runner's choice between this and native partitions is made by one probe (`detect_backend`)
-that tests can replace.
+Every statement of this path is generated here as text: parsed with a PostgreSQL parser in
+tests/unit/test_timescale_sql.py, and executed on a real TimescaleDB (2.23, compiled to
+WebAssembly, PostgreSQL 17) in tests/timescale, whose results are compared with native
+partitions on PostgreSQL 15 (docs/schema.md, "The TimescaleDB test tier"). The runner's choice
+between this and native partitions is made by one probe (`detect_backend`) that tests can replace.
 """
 
 from __future__ import annotations
