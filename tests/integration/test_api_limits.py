@@ -131,7 +131,7 @@ async def test_a_request_stuck_on_a_lock_times_out_and_the_pool_recovers(world: 
             elapsed = time.perf_counter() - began
             await lock.rollback()
             _problem(stuck, 504)
-            assert elapsed < 3, elapsed
+            assert elapsed < 10, elapsed  # without the timeout it would wait for the lock forever
             await asyncio.sleep(0.1)
             after = await client.get("/v1/logs", params={"limit": 1000}, headers=world.a.headers)
             assert after.status_code == 200
