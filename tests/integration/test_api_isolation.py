@@ -341,3 +341,32 @@ async def test_the_api_refuses_to_start_as_a_role_that_bypasses_row_security(wor
     with pytest.raises(UnsafeRole, match="bypasses row security"):
         async with api_client(app):
             pass
+
+
+async def test_logs_filter_combinations(world: World, client: httpx.AsyncClient) -> None:
+    window = {"since": _since(world), "until": _until(world), "limit": 1000}
+    for me, other in ((world.a, world.b), (world.b, world.a)):
+        for method, user, status, errors, server in itertools.product(
+            (None, *METHODS),
+            (None, "alice"),
+            (None, 200, 500),
+            (False, True),
+            (None, me.servers[0], other.servers[0]),
+        ):
+            params: dict[str, Any] = {**window, "errors": str(errors).lower()}
+            flt: dict[str, Any] = {}
+            for name, column, value in (
+                ("method", "rpc_method", method),
+                ("user_id", "user_id", user),
+                ("status", "status_code", status),
+                ("server_id", "server_id", server),
+            ):
+                if value is not None:
+                    params[name] = value
+                    flt[column] = value
+            if errors:
+                flt["error_flag"] = True
+            response = await client.get("/v1/logs", params=params, headers=me.headers)
+            assert response.status_code == 200, response.text
+            assert {i["id"] for i in response.json()["items"]} == _expected(me, **flt), params
+            _assert_nothing_of(response.text, world, other)
