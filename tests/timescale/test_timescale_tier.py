@@ -3,7 +3,7 @@ tests/timescale/conftest.py), and compared with the same steps on the session's 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -121,12 +121,13 @@ async def _read(url: str, since: datetime, until: datetime) -> dict[str, Any]:
         await conn.close()
 
 
-async def _maintain(url: str, retention_days: int) -> tuple[list[str], str]:
-    """The database half of `omnilog maintain`: create ahead, advance the horizon, drop."""
+async def _maintain(url: str, retention_days: int, today: date) -> tuple[list[str], str]:
+    """The database half of `omnilog maintain`: create ahead, advance the horizon, drop. `today`
+    is fixed by the caller, so both servers drop the same days even across midnight."""
     conn = await _connect(url)
     try:
-        await create_ahead(conn)
-        dropped = await drop_expired(conn, retention_days)
+        await create_ahead(conn, today=today)
+        dropped = await drop_expired(conn, retention_days, today=today)
         horizon = await load_horizon(conn)
         assert horizon is not None
         return [d.isoformat() for d in dropped], horizon.isoformat()
@@ -144,8 +145,8 @@ async def test_same_results_as_postgresql_15(timescale_url: str, fresh_database_
     assert await _read(timescale_url, since, until) == native
 
     # Retention: the horizon moves 3 days back from today, the older days go on both servers.
-    dropped = await _maintain(timescale_url, retention_days=3)
-    assert dropped == await _maintain(fresh_database_url, retention_days=3)
+    dropped = await _maintain(timescale_url, 3, now.date())
+    assert dropped == await _maintain(fresh_database_url, 3, now.date())
     assert dropped[0], "the data spans 6 days: some must be dropped"
     assert dropped[1] == (now.date() - timedelta(days=3)).isoformat()
     after = await _read(fresh_database_url, since, until)
