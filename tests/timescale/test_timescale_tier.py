@@ -45,7 +45,7 @@ async def _job_id(conn: asyncpg.Connection[Any], hypertable: str, proc_name: str
     return job_id
 
 
-async def test_migrate_creates_hypertables_policies_and_continuous_aggregate(timescale_url: str) -> None:
+async def test_migrate_creates_hypertables_and_policies_and_runs_every_job(timescale_url: str) -> None:
     assert await migrate(timescale_url)  # the project's own probe: timescaledb is installed
     assert await migrate(timescale_url) == []
     conn = await _connect(timescale_url)
