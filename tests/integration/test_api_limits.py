@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -15,6 +17,7 @@ import orjson
 import pytest
 
 from pipeline.devtools.stack import StackInfo
+from sinks.objects import ObjectWriter, s3_client
 from tests.integration.api_world import World, api_client, app_for, build_world
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -138,3 +141,39 @@ async def test_a_request_stuck_on_a_lock_times_out_and_the_pool_recovers(world: 
             assert {i["id"] for i in after.json()["items"]} <= set(world.a.events)
     finally:
         await owner.close()
+
+
+async def test_a_hostile_stored_event_comes_back_byte_for_byte(world: World) -> None:
+    """2 MiB, 300 levels of nesting, a number past 64 bits, escapes and non-ASCII: the API
+    returns the stored line as it is (never re-encoded: orjson writes at most 254 levels)."""
+    event_id = str(uuid.uuid4())
+    line = (
+        b'{"event_id":"' + event_id.upper().encode() + b'","organization_id":"' + world.a.org.encode()
+        + b'","started_at":"' + world.now.isoformat().encode() + b'","request":' + b"[" * 300 + b"]" * 300
+        + b',"n":123456789012345678901234567890,"s":"\\u0000\\ud83d\\ude00 \xc3\xa9","blob":"'
+        + b"x" * (2 << 20) + b'"}'
+    )  # fmt: skip
+    member = gzip.compress(line + b"\n")
+    key = f"api-test/hostile-{uuid.uuid4().hex}.jsonl.gz"
+    owner = await asyncpg.connect(world.owner_url)
+    try:
+        async with s3_client(world.settings) as s3:
+            await ObjectWriter(s3, world.settings.s3_bucket, 1 << 30).put(key, member)
+        await owner.execute(
+            "INSERT INTO log_index (id, organization_id, started_at, storage_provider, object_uri, "
+            "byte_offset, byte_length) VALUES ($1::uuid, $2::uuid, $3, 's3', $4, 0, $5)",
+            event_id,
+            world.a.org,
+            world.now,
+            f"s3://{world.settings.s3_bucket}/{key}",
+            len(member),
+        )
+    finally:
+        await owner.close()
+    async with api_client(app_for(world, api_rate_burst=10_000)) as client:
+        response = await client.get(f"/v1/events/{event_id}", headers=world.a.headers)
+        assert response.status_code == 200
+        assert response.content == line
+        assert (await client.get(f"/v1/events/{event_id}", headers=world.b.headers)).status_code == 404
+        page = await client.get("/v1/logs", params={"limit": 1000}, headers=world.a.headers)
+        assert event_id in {i["id"] for i in page.json()["items"]}
