@@ -78,6 +78,7 @@ class FlushContext:
     dlq_limit: DeadLetterLimit
     # The last step: commit the batch's offsets to Kafka (advisory, for lag tools; never raises).
     commit_kafka: Callable[[Batch], Awaitable[None]] | None = None
+    last_horizon: date | None = None  # the retention horizon as last read
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)  # the validation reference
     monotonic: Callable[[], float] = time.monotonic  # how long uploads have been held
 
@@ -186,7 +187,18 @@ async def flush(ctx: FlushContext, batch: Batch) -> FlushReport:
 
 
 async def _load_horizon(ctx: FlushContext) -> date | None:
-    return await ctx.retry.call("load_horizon", "postgres", ctx.index.load_horizon)
+    """The horizon, to dead-letter expired events up front. It is an early answer only: the batch
+    transaction re-reads it under a lock and is what the guarantee rests on. So while PostgreSQL is
+    unavailable the flush goes on with the last horizon seen (uploading meanwhile), instead of
+    waiting here; the transaction's retries wait for PostgreSQL."""
+    try:
+        ctx.last_horizon = await ctx.index.load_horizon()
+    except Exception as exc:
+        kind = classify(exc)
+        if kind is not ErrorKind.RETRIABLE:
+            raise PermanentError("load_horizon", kind, exc) from exc
+        log.info("retention horizon not readable now; using the last one seen", extra={"error": repr(exc)})
+    return ctx.last_horizon
 
 
 # ---- decode ------------------------------------------------------------------------------------
