@@ -66,9 +66,9 @@ def test_workers_match_the_kubernetes_manifests(compose: dict[str, Any], base: l
     for name, spec in pod_specs(base):
         commands[spec["containers"][0]["args"][0]] = name
     # Kubernetes-only so far: `serve` (the read API) needs a login role IN ROLE omnilog_api,
-    # created after the migration (docs/security.md), which the compose stack does not set up;
-    # `merge` (the mergers' own Deployment) runs inside the compose worker instead.
+    # created after the migration (docs/security.md), which the compose stack does not set up.
     assert set(commands) == {"ingest", "migrate", "maintain", "serve", "merge"}
+    assert services["omnilog-merge"]["command"] == ["merge"]
 
     workers = {n: s for n, s in services.items() if n.startswith("omnilog-")}
     for name, svc in workers.items():

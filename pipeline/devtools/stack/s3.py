@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import aioboto3
 from aiobotocore.config import AioConfig
 from botocore.exceptions import ClientError
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_fixed
 
 from pipeline.devtools.stack.binaries import weed_binary
 from pipeline.devtools.stack.blocking import run_blocking
@@ -71,15 +72,31 @@ async def _list_buckets(port: int, credentials: S3Credentials, *, request_timeou
 _BUCKET_EXISTS = frozenset({"BucketAlreadyOwnedByYou", "BucketAlreadyExists"})
 
 
+# What a just-started SeaweedFS may answer for a few seconds while its filer catches up (seen on a
+# loaded machine: NoSuchBucket from CreateBucket itself): worth another try, for a bounded time.
+_NOT_SETTLED = frozenset({"NoSuchBucket", "404", "InternalError", "ServiceUnavailable", "503"})
+
+
+def _not_settled(exc: BaseException) -> bool:
+    return isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in _NOT_SETTLED
+
+
 async def _ensure_bucket(port: int, credentials: S3Credentials, bucket: str) -> None:
     async with _client(port, credentials, 10.0) as client:
-        # Create first, "exists" is success: a check then a create is a race between the two.
-        try:
-            await client.create_bucket(Bucket=bucket)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") not in _BUCKET_EXISTS:
-                raise
-        await client.head_bucket(Bucket=bucket)
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(_not_settled),
+            wait=wait_fixed(0.5),
+            stop=stop_after_delay(20),
+            reraise=True,
+        ):
+            with attempt:
+                # Create first, "exists" is success: a check then a create is a race between the two.
+                try:
+                    await client.create_bucket(Bucket=bucket)
+                except ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") not in _BUCKET_EXISTS:
+                        raise
+                await client.head_bucket(Bucket=bucket)
 
 
 def _registered_volume_servers(master_port: int, timeout: float) -> set[str]:
