@@ -134,3 +134,17 @@ def test_relative_markdown_links_resolve() -> None:
             if not (path.parent / file_part).exists():
                 broken.append(f"{path.relative_to(ROOT).as_posix()}: {target}")
     assert broken == [], "\n".join(broken)
+
+
+def test_every_setting_is_documented() -> None:
+    """Each environment variable the settings read is explained in the README or docs/."""
+    from pipeline.settings import Settings
+
+    text = (ROOT / "README.md").read_text() + "".join(
+        p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))
+    )
+    names = []
+    for field in Settings.model_fields.values():
+        alias = field.validation_alias
+        names.append(getattr(alias, "choices", [alias])[0])
+    assert [n for n in names if n not in text] == []
