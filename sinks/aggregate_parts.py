@@ -128,6 +128,8 @@ class DeltaTable:
     key_types: tuple[str, ...]  # PostgreSQL array element types for unnest
     sum_names: tuple[str, ...]
     alpha: float
+    # An SQL condition on the delta `d` that must hold for the merger to fold it now (empty: always).
+    fold_when: str = ""
 
 
 LOG_DELTAS: Final = DeltaTable(
@@ -151,7 +153,36 @@ USAGE_USER_DELTAS: Final = DeltaTable(
     USAGE_SUMS,
     DEFAULT_ALPHA,
 )
-DELTA_TABLES: Final = (LOG_DELTAS, USAGE_DELTAS, USAGE_USER_DELTAS)
+# server_stats (migration 0010): the users-like set here is the window's sessions.
+SERVER_SUMS: Final = ("total_requests", "error_requests", "new_sessions")
+SERVER_STATS_DELTAS: Final = DeltaTable(
+    "server_stats_deltas",
+    ("organization_id", "server_id", "window_seconds"),
+    ("uuid", "uuid", "int"),
+    SERVER_SUMS,
+    INTEGER_SAFE_ALPHA,  # min/max/avg come from the sketch's exact fields; the bound is for later use
+    # Held until the server is registered, by this organization (docs/aggregates.md §10): a row of
+    # server_stats references mcp_servers, and another tenant's server must not be touched.
+    fold_when=(
+        "EXISTS (SELECT 1 FROM mcp_servers m "
+        "WHERE m.id = d.server_id AND m.organization_id = d.organization_id)"
+    ),
+)
+# usage_monthly (migration 0010): the seven usage sums, then users and days new to the month.
+MONTH_COUNTS: Final = ("new_month_users", "new_active_days")
+USAGE_MONTHLY_DELTAS: Final = DeltaTable(
+    "usage_monthly_deltas",
+    ("org_id", "project_id", "model"),
+    ("uuid", "uuid", "text"),
+    (*USAGE_SUMS, *MONTH_COUNTS),
+    DEFAULT_ALPHA,
+)
+DELTA_TABLES: Final = (LOG_DELTAS, USAGE_DELTAS, USAGE_USER_DELTAS, SERVER_STATS_DELTAS, USAGE_MONTHLY_DELTAS)
+
+# 60 s server windows: a load balancer and a health view want the last minute, not the last hour
+# (an hour-old error burst is history), and one row per active server per minute stays small
+# (1 440 rows a server-day). docs/aggregates.md §10.
+DEFAULT_SERVER_WINDOW_S: Final = 60
 
 # A key of a batch's part (one future delta row): (window start, *key column values).
 # Windows are datetimes in UTC.
@@ -380,11 +411,135 @@ async def count_new_users(conn: Connection, usage: UsageParts) -> dict[PartKey, 
     return hourly
 
 
+# ---- server_stats ------------------------------------------------------------------------------
+
+
+def valid_server_window(width_s: int) -> int:
+    """A server window width: whole seconds dividing a day, so windows never straddle days."""
+    if not 1 <= width_s <= DAY_S or DAY_S % width_s:
+        raise ValueError(f"a server_stats window must divide a day (86400 s), got {width_s}")
+    return width_s
+
+
+@dataclass(frozen=True, slots=True)
+class ServerParts:
+    windows: dict[PartKey, Acc]  # (window, org, server, width): total, errors, 0 (new sessions)
+    sessions: list[PartKey]  # (window, org, server, session): sorted
+
+
+def server_parts(events: Sequence[ValidEvent], width_s: int) -> ServerParts:
+    """Parts of server_stats: events that name a server (not the nil UUID), per window."""
+    named = [e for e in events if e.server_id and e.server_id != NO_SERVER]
+    if not named:
+        return ServerParts({}, [])
+    epochs = [window_start(e.started_at.timestamp(), width_s) for e in named]
+    keys = [(w, e.organization_id, e.server_id, width_s) for w, e in zip(epochs, named, strict=True)]
+    sums = np.array([(1, int(e.error), 0) for e in named], dtype=np.int64).reshape(len(named), 3)
+    durations = np.fromiter((e.duration_ms for e in named), dtype=np.float64, count=len(named))
+    sessions = sorted(
+        {
+            (w, e.organization_id, e.server_id, e.session_id)
+            for w, e in zip(epochs, named, strict=True)
+            if e.session_id
+        }
+    )
+    return ServerParts(
+        group(keys, durations, sums, SERVER_STATS_DELTAS.alpha),
+        [(_as_datetime(w), *rest) for w, *rest in sessions],
+    )
+
+
+_INSERT_SESSIONS: Final = (
+    "INSERT INTO server_window_sessions (window_start, organization_id, server_id, session_id) "
+    "SELECT * FROM unnest($1::timestamptz[], $2::uuid[], $3::uuid[], $4::uuid[]) ON CONFLICT DO NOTHING "
+    "RETURNING window_start, organization_id::text AS org, server_id::text AS server"
+)
+
+
+async def count_new_sessions(conn: Connection, parts: ServerParts, width_s: int) -> dict[PartKey, Acc]:
+    """The server deltas with their last sum: sessions new to the window's set (exact, as users)."""
+    windows = {k: a.copy() for k, a in parts.windows.items()}
+    if parts.sessions:
+        for row in await conn.fetch(_INSERT_SESSIONS, *key_columns(parts.sessions)):
+            windows[(row["window_start"], row["org"], row["server"], width_s)].sums[-1] += 1
+    return windows
+
+
+# ---- usage_monthly -----------------------------------------------------------------------------
+
+
+def month_start(t: datetime) -> int:
+    """Epoch seconds of the first instant of the UTC month holding `t`."""
+    t = t.astimezone(UTC)
+    return int(datetime(t.year, t.month, 1, tzinfo=UTC).timestamp())
+
+
+@dataclass(frozen=True, slots=True)
+class MonthParts:
+    months: dict[PartKey, Acc]  # (month, org, project, model): 7 usage sums, 0, 0
+    users: list[PartKey]  # (month, org, project, model, user): real users only, sorted
+    days: list[PartKey]  # (day, org, project, model): sorted
+
+
+def month_parts(events: Sequence[ValidEvent]) -> MonthParts:
+    """Parts of usage_monthly, over the events that carry usage fields (as usage_daily)."""
+    used = [e for e in events if e.has_usage]
+    if not used:
+        return MonthParts({}, [], [])
+    sums = np.hstack([_usage_sums(used), np.zeros((len(used), len(MONTH_COUNTS)), dtype=np.int64)])
+    latency = np.fromiter((e.duration_ms for e in used), dtype=np.float64, count=len(used))
+    months = [month_start(e.started_at) for e in used]
+    keys = [(m, *usage_key(e)) for m, e in zip(months, used, strict=True)]
+    users = sorted({(m, *usage_key(e), e.user_id) for m, e in zip(months, used, strict=True) if e.user_id})
+    days = sorted({(window_start(e.started_at.timestamp(), DAY_S), *usage_key(e)) for e in used})
+    return MonthParts(
+        group(keys, latency, sums, USAGE_MONTHLY_DELTAS.alpha),
+        [(_as_datetime(m), *rest) for m, *rest in users],
+        [(_as_datetime(d), *rest) for d, *rest in days],
+    )
+
+
+_INSERT_MONTH_USERS: Final = _insert_users_sql("usage_month_users")
+_INSERT_ACTIVE_DAYS: Final = (
+    "INSERT INTO usage_active_days (window_start, org_id, project_id, model) "
+    "SELECT * FROM unnest($1::timestamptz[], $2::uuid[], $3::uuid[], $4::text[]) ON CONFLICT DO NOTHING "
+    "RETURNING window_start, org_id::text AS org_id, project_id::text AS project_id, model"
+)
+
+
+def _month_of(day: datetime) -> datetime:
+    return _as_datetime(month_start(day))
+
+
+async def count_month_news(conn: Connection, parts: MonthParts) -> dict[PartKey, Acc]:
+    """The monthly deltas with their last two sums: users new to the month's set, days new to the
+    active-days set (each new in exactly one committed batch, as the hour and day user sets)."""
+    months = {k: a.copy() for k, a in parts.months.items()}
+    if parts.users:
+        for row in await conn.fetch(_INSERT_MONTH_USERS, *key_columns(parts.users)):
+            months[(row["window_start"], row["org_id"], row["project_id"], row["model"])].sums[-2] += 1
+    if parts.days:
+        for row in await conn.fetch(_INSERT_ACTIVE_DAYS, *key_columns(parts.days)):
+            key = (_month_of(row["window_start"]), row["org_id"], row["project_id"], row["model"])
+            months[key].sums[-1] += 1
+    return months
+
+
 class AggregateDeltasWriter:
-    """The batch extension inserting log and usage aggregate deltas (see module docstring)."""
+    """The batch extension inserting log, usage, server_stats and usage_monthly deltas (see
+    module docstring). Insert order of the sets is fixed (hour, day, month users, active days,
+    sessions), each sorted: batches that wait on each other's new entries cannot deadlock."""
+
+    def __init__(self, server_window_s: int = DEFAULT_SERVER_WINDOW_S) -> None:
+        self.server_window_s = valid_server_window(server_window_s)
 
     async def write(self, conn: Connection, new_events: Sequence[ValidEvent], source_partition: int) -> None:
         await insert_deltas(conn, LOG_DELTAS, log_parts(new_events))
         usage = usage_parts(new_events)
         await insert_deltas(conn, USAGE_DELTAS, await count_new_users(conn, usage))
         await insert_deltas(conn, USAGE_USER_DELTAS, usage.daily_users)
+        await insert_deltas(conn, USAGE_MONTHLY_DELTAS, await count_month_news(conn, month_parts(new_events)))
+        servers = server_parts(new_events, self.server_window_s)
+        await insert_deltas(
+            conn, SERVER_STATS_DELTAS, await count_new_sessions(conn, servers, self.server_window_s)
+        )

@@ -51,8 +51,10 @@ from pipeline.processing.retry import ErrorKind, RetryPolicy, classify
 from pipeline.sketch import QuantileSketch
 from sinks.aggregate_parts import (
     LOG_DELTAS,
+    SERVER_STATS_DELTAS,
     SLOTS,
     USAGE_DELTAS,
+    USAGE_MONTHLY_DELTAS,
     USAGE_SUMS,
     USAGE_USER_DELTAS,
     Acc,
@@ -216,9 +218,10 @@ def select_sql(table: DeltaTable) -> str:
     """The deltas of the locked slots, oldest first, except those of isolated keys."""
     keys = ", ".join(f"d.{c}" for c in table.key_columns)
     as_text = ", ".join(f"d.{c}::text" for c in table.key_columns)
+    when = f"({table.fold_when}) AND " if table.fold_when else ""
     return (
         f"SELECT d.id, d.window_start, {keys}, d.sums::text[] AS sums, d.sketch FROM {table.name} d "
-        "WHERE d.slot = ANY($1::int[]) AND NOT EXISTS ("
+        f"WHERE d.slot = ANY($1::int[]) AND {when}NOT EXISTS ("
         f"SELECT 1 FROM aggregate_isolated_keys i WHERE i.parts_table = '{table.name}' "
         f"AND i.window_start = d.window_start AND i.key_values = ARRAY[{as_text}]) "
         "ORDER BY d.id LIMIT $2 FOR UPDATE OF d SKIP LOCKED"
@@ -334,6 +337,7 @@ class MergeStats:
     deltas_folded: int = 0
     log_rows: int = 0
     usage_rows: int = 0
+    server_rows: int = 0
     more: bool = False  # a table had more deltas than the pass's limit
     isolated: list[IsolatedKey] = field(default_factory=list)  # held aside by this pass
 
@@ -342,6 +346,7 @@ class MergeStats:
         self.deltas_folded += other.deltas_folded
         self.log_rows += other.log_rows
         self.usage_rows += other.usage_rows
+        self.server_rows += other.server_rows
         self.more = self.more or other.more
         self.isolated.extend(other.isolated)
 
@@ -496,6 +501,130 @@ async def _fold_usage_users(conn: Connection, rows: Sequence[asyncpg.Record], st
     stats.deltas_folded += await _delete(conn, USAGE_USER_DELTAS, rows)
 
 
+# ---- server_stats and usage_monthly (migration 0010) ------------------------------------------
+
+READ_SERVER_STATS: Final = (
+    "SELECT k.ord, s.total_requests, s.error_requests, s.active_sessions, "
+    "extract(epoch FROM s.window_end - s.window_start)::int AS width, s.duration_sketch AS sketch "
+    "FROM unnest($1::uuid[], $2::timestamptz[]) WITH ORDINALITY AS k(s, w, ord) "
+    "JOIN server_stats s ON s.server_id = k.s AND s.window_start = k.w"
+)
+_UPSERT_SERVER_STATS: Final = """
+INSERT INTO server_stats (server_id, window_start, window_end, total_requests, success_requests,
+    error_requests, active_sessions, avg_response_time_ms, min_response_time_ms, max_response_time_ms,
+    duration_sketch)
+SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::bigint[], $5::bigint[],
+    $6::bigint[], $7::int[], $8::float8[], $9::int[], $10::int[], $11::bytea[])
+ON CONFLICT (server_id, window_start) DO UPDATE SET
+    total_requests = EXCLUDED.total_requests, success_requests = EXCLUDED.success_requests,
+    error_requests = EXCLUDED.error_requests, active_sessions = EXCLUDED.active_sessions,
+    avg_response_time_ms = EXCLUDED.avg_response_time_ms,
+    min_response_time_ms = EXCLUDED.min_response_time_ms,
+    max_response_time_ms = EXCLUDED.max_response_time_ms, duration_sketch = EXCLUDED.duration_sketch
+"""
+
+
+async def _fold_server_stats(conn: Connection, rows: Sequence[asyncpg.Record], stats: MergeStats) -> None:
+    """server_stats_deltas (only those of registered servers are selected) into server_stats rows
+    keyed (server, window_start). A stored row of another width, or without a sketch (written by
+    something else), cannot be added to: a ValueError, so the key is isolated, never mixed."""
+    deltas = _decode_deltas(rows, 4)
+    targets: dict[tuple[str, datetime, int], Acc] = fold(
+        ((str(k[2]), _window(k), _width(k)), acc) for k, acc in deltas.items()
+    )
+    keys = sorted(targets, key=str)
+    stored = await conn.fetch(READ_SERVER_STATS, [k[0] for k in keys], [k[1] for k in keys])
+    for row in stored:
+        key = keys[row["ord"] - 1]
+        if row["width"] != key[2]:
+            raise ValueError(f"server_stats window {key[1]} is {row['width']} s wide, the delta's {key[2]} s")
+        sums = [row["total_requests"], row["error_requests"], row["active_sessions"]]
+        targets[key].merge(Acc([exact_int(v) for v in sums], _sketch(row["sketch"], "a server_stats row")))
+    values = [targets[k] for k in keys]
+    for acc in values:
+        if acc.sketch.count != acc.sums[0]:
+            raise ValueError(f"sketch holds {acc.sketch.count} durations for {acc.sums[0]} requests")
+    await conn.execute(
+        _UPSERT_SERVER_STATS,
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+        [k[1] + timedelta(seconds=k[2]) for k in keys],
+        [a.sums[0] for a in values],
+        [a.sums[0] - a.sums[1] for a in values],
+        [a.sums[1] for a in values],
+        [a.sums[2] for a in values],
+        [a.sketch.mean for a in values],
+        [round(a.sketch.min) for a in values],
+        [round(a.sketch.max) for a in values],
+        [a.sketch.to_bytes() for a in values],
+    )
+    stats.server_rows += len(keys)
+    stats.deltas_folded += await _delete(conn, SERVER_STATS_DELTAS, rows)
+
+
+READ_USAGE_MONTHLY: Final = (
+    "SELECT k.ord, r.request_count, r.success_count, r.error_count, r.total_input_tokens::text, "
+    "r.total_output_tokens::text, r.total_cache_read_tokens::text, r.total_cost_cents::text, "
+    "r.unique_users, r.active_days, r.latency_sketch AS sketch "
+    "FROM unnest($1::timestamptz[], $2::uuid[], $3::uuid[], $4::text[]) "
+    "WITH ORDINALITY AS k(w, o, p, m, ord) "
+    "JOIN usage_monthly r ON r.month = k.w AND r.org_id = k.o AND r.project_id = k.p AND r.model = k.m"
+)
+_MONTHLY_EXTRA = (
+    "unique_users",
+    "active_days",
+    "avg_latency_ms",
+    "p50_latency_ms",
+    "p95_latency_ms",
+    "p99_latency_ms",
+    "latency_sketch",
+)
+_MONTHLY_TYPES = (
+    *("timestamptz", "uuid", "uuid", "text"),
+    *_USAGE_VALUE_TYPES[:7],
+    *("bigint", "int", "float8", "float8", "float8", "float8", "bytea"),
+)
+_MONTHLY_SET = ", ".join(f"{c} = EXCLUDED.{c}" for c in (*_USAGE_METRICS.split(", "), *_MONTHLY_EXTRA))
+_UPSERT_USAGE_MONTHLY = f"""
+INSERT INTO usage_monthly (month, org_id, project_id, model, {_USAGE_METRICS}, {", ".join(_MONTHLY_EXTRA)})
+SELECT * FROM unnest({_unnest(_MONTHLY_TYPES)})
+ON CONFLICT ON CONSTRAINT usage_monthly_key DO UPDATE SET {_MONTHLY_SET}, updated_at = now()
+"""
+
+
+async def _fold_usage_monthly(conn: Connection, rows: Sequence[asyncpg.Record], stats: MergeStats) -> None:
+    """usage_monthly_deltas into usage_monthly: sums added; the users and days new to the month
+    (the deltas' last two sums) added to unique_users and active_days."""
+    months = _decode_deltas(rows, 4)
+    keys = sorted(months, key=str)
+    for row in await conn.fetch(READ_USAGE_MONTHLY, *key_columns(keys)):
+        values = list(row.values())
+        sums = [exact_int(v) for v in values[1:8]] + [int(row["unique_users"]), int(row["active_days"])]
+        months[keys[row["ord"] - 1]].merge(Acc(sums, _sketch(row["sketch"], "a usage_monthly row")))
+    accs = [months[k] for k in keys]
+    shown = [usage_values(Acc(a.sums[: len(USAGE_SUMS)], a.sketch), a.sums[-2]) for a in accs]
+    await conn.execute(
+        _UPSERT_USAGE_MONTHLY,
+        *key_columns(keys),
+        *([v.sums[j] for v in shown] for j in range(len(USAGE_SUMS))),
+        [a.sums[-2] for a in accs],
+        [a.sums[-1] for a in accs],
+        [v.avg for v in shown],
+        [v.p50 for v in shown],
+        [v.p95 for v in shown],
+        [v.p99 for v in shown],
+        [v.sketch for v in shown],
+    )
+    stats.usage_rows += len(keys)
+    stats.deltas_folded += await _delete(conn, USAGE_MONTHLY_DELTAS, rows)
+
+
+def _width(key: PartKey) -> int:
+    width = key[3]
+    assert isinstance(width, int)
+    return width
+
+
 def _window(key: PartKey) -> datetime:
     window = key[0]
     assert isinstance(window, datetime)
@@ -507,7 +636,10 @@ FOLDS: Final[tuple[tuple[DeltaTable, Fold], ...]] = (
     (LOG_DELTAS, _fold_log),
     (USAGE_DELTAS, _fold_usage),
     (USAGE_USER_DELTAS, _fold_usage_users),
+    (USAGE_MONTHLY_DELTAS, _fold_usage_monthly),
+    (SERVER_STATS_DELTAS, _fold_server_stats),
 )
+FOLDED_TABLES: Final = tuple(table for table, _ in FOLDS)
 
 # ---- key isolation ---------------------------------------------------------------------------
 
@@ -650,11 +782,20 @@ async def merge_until_clean(
 
 
 async def pending_deltas(conn: Connection) -> int:
-    """Deltas not folded yet (isolated ones included)."""
+    """Deltas a merger will fold (isolated ones included); server_stats deltas held for a server
+    not registered yet are counted by `held_server_deltas` instead: they wait for an operator."""
+    counts = " + ".join(
+        f"(SELECT count(*) FROM {t.name} d{f' WHERE {t.fold_when}' if t.fold_when else ''})"
+        for t in FOLDED_TABLES
+    )
+    return int(await conn.fetchval(f"SELECT {counts}"))
+
+
+async def held_server_deltas(conn: Connection) -> int:
+    """server_stats deltas held because their server is not (yet) registered to their organization."""
     return int(
         await conn.fetchval(
-            "SELECT (SELECT count(*) FROM log_aggregate_deltas) + (SELECT count(*) FROM usage_deltas)"
-            " + (SELECT count(*) FROM usage_user_deltas)"
+            f"SELECT count(*) FROM server_stats_deltas d WHERE NOT ({SERVER_STATS_DELTAS.fold_when})"
         )
     )
 
@@ -689,6 +830,10 @@ async def release_isolated(
 _PRUNE = (
     "DELETE FROM usage_hour_users WHERE window_start < $1",
     "DELETE FROM usage_day_users WHERE window_start < $1",
+    "DELETE FROM usage_active_days WHERE window_start < $1",
+    "DELETE FROM server_window_sessions WHERE window_start < $1",
+    # a month is final once it ended before the cutoff's month began
+    "DELETE FROM usage_month_users WHERE window_start < date_trunc('month', $1::timestamptz, 'UTC')",
 )
 
 

@@ -1,0 +1,270 @@
+"""server_stats and usage_monthly against real Tansu, SeaweedFS and PostgreSQL (docs/aggregates.md
+§10-§11).
+
+The oracle is computed from the JSON of the events the test sent, independently of the worker:
+after two workers killed (-9) at fail points and restarted, with re-sent duplicates and events
+hours and days late, every server_stats window of a registered server and every usage_monthly row
+is exact (counts, sums, distinct sessions, users and days; min/max/avg durations), usage_monthly
+agrees with usage_daily, and server_health_summary shows each server's latest window. Events of a
+server not registered yet are held, not lost: registering it folds them; events naming another
+organization's server stay held and never touch its rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from pipeline.settings import Settings
+from sinks import merger
+from sinks.aggregate_parts import DEFAULT_SERVER_WINDOW_S
+from sinks.migrate import migrate
+from tests.integration.ingest_support import create_topic, start_worker, wait_caught_up
+from tests.integration.test_aggregates import (
+    _USAGE_FIELDS,
+    NIL,
+    ORGS,
+    SERVERS,
+    _usage_status,
+    _wait_clean,
+    _wait_for_log,
+    make_events,
+    send,
+)
+
+pytestmark = pytest.mark.integration
+
+SESSIONS = [str(uuid.UUID(int=0xD000 + i)) for i in range(6)]
+REGISTERED = (str(SERVERS[1]), ORGS[0])  # registered before the traffic
+LATE = (str(SERVERS[2]), ORGS[1])  # registered once every event is in: held until then
+
+
+def _with_sessions(events: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    for event in events:
+        if rng.random() < 0.7:
+            event["session_id"] = rng.choice(SESSIONS)
+    return events
+
+
+def _when(e: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(e["started_at"]).astimezone(UTC)
+
+
+def _server_window(t: datetime) -> datetime:
+    epoch = int(t.timestamp()) // DEFAULT_SERVER_WINDOW_S * DEFAULT_SERVER_WINDOW_S
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+def _is_error(e: dict[str, Any]) -> bool:
+    # the contract's derivation when `error` is absent: status_code >= 400 (no level is sent here)
+    return bool(e.get("status_code", 0) >= 400)
+
+
+def server_oracle(
+    events: Iterable[dict[str, Any]], owners: set[tuple[str, str]]
+) -> dict[tuple[Any, ...], Any]:
+    """(server, window start) -> the events of that server's own organization in that window."""
+    windows: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for e in events:
+        if (e.get("server_id"), e["organization_id"]) in owners:
+            windows[(e["server_id"], _server_window(_when(e)))].append(e)
+    return windows
+
+
+def month_oracle(events: Iterable[dict[str, Any]]) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
+    months: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for e in events:
+        if any(f in e for f in _USAGE_FIELDS):
+            t = _when(e)
+            month = t.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+            months[(month, e["organization_id"], e.get("project_id") or NIL, e.get("model") or "")].append(e)
+    return months
+
+
+async def _register(conn: asyncpg.Connection, server: str, org: str) -> None:
+    await conn.execute(
+        "INSERT INTO organizations (id, name, slug) VALUES ($1::text::uuid, $1::text, $1::text) "
+        "ON CONFLICT DO NOTHING",
+        org,
+    )
+    await conn.execute(
+        "INSERT INTO mcp_servers (id, organization_id, name, protocol) "
+        "VALUES ($1::text::uuid, $2, $1::text, 'http')",
+        server,
+        org,
+    )
+
+
+async def _held_requests(conn: asyncpg.Connection) -> int:
+    return int(
+        await conn.fetchval(
+            "SELECT coalesce(sum(d.sums[1]), 0) FROM server_stats_deltas d WHERE NOT EXISTS ("
+            "SELECT 1 FROM mcp_servers m WHERE m.id = d.server_id AND m.organization_id = d.organization_id)"
+        )
+    )
+
+
+async def verify_server_stats(
+    conn: asyncpg.Connection, events: list[dict[str, Any]], owners: set[tuple[str, str]]
+) -> int:
+    want = server_oracle(events, owners)
+    rows = await conn.fetch("SELECT *, server_id::text AS server FROM server_stats")
+    got = {(r["server"], r["window_start"]): r for r in rows}
+    assert set(got) == set(want), f"missing {set(want) - set(got)}, unexpected {set(got) - set(want)}"
+    for key, es in want.items():
+        r = got[key]
+        durations = [e["duration_ms"] for e in es]
+        errors = sum(_is_error(e) for e in es)
+        assert r["window_end"] - r["window_start"] == timedelta(seconds=DEFAULT_SERVER_WINDOW_S), key
+        assert (r["total_requests"], r["error_requests"], r["success_requests"]) == (
+            len(es),
+            errors,
+            len(es) - errors,
+        ), key
+        assert r["active_sessions"] == len({e["session_id"] for e in es if "session_id" in e}), key
+        assert (r["min_response_time_ms"], r["max_response_time_ms"]) == (min(durations), max(durations)), key
+        assert r["avg_response_time_ms"] == pytest.approx(sum(durations) / len(durations), rel=1e-12), key
+    # The seed's view: each registered server's latest window (by window_end).
+    summary = {
+        r["id"]: r
+        for r in await conn.fetch(
+            "SELECT id::text AS id, total_requests, active_sessions FROM server_health_summary"
+        )
+    }
+    for server, _org in owners:
+        mine = [k for k in want if k[0] == server]
+        if not mine:
+            assert summary[server]["total_requests"] == 0
+            continue
+        latest = want[max(mine, key=lambda k: k[1])]
+        assert summary[server]["total_requests"] == len(latest), server
+        assert summary[server]["active_sessions"] == len(
+            {e["session_id"] for e in latest if "session_id" in e}
+        )
+    return len(want)
+
+
+async def verify_usage_monthly(conn: asyncpg.Connection, events: list[dict[str, Any]]) -> int:
+    want = month_oracle(events)
+    rows = await conn.fetch("SELECT *, org_id::text AS org, project_id::text AS project FROM usage_monthly")
+    got = {(r["month"], r["org"], r["project"], r["model"]): r for r in rows}
+    assert set(got) == set(want), f"missing {set(want) - set(got)}, unexpected {set(got) - set(want)}"
+    for key, es in want.items():
+        r = got[key]
+        statuses = [_usage_status(e) for e in es]
+        assert r["request_count"] == len(es), key
+        assert (r["success_count"], r["error_count"]) == (
+            statuses.count("success"),
+            statuses.count("error"),
+        ), key
+        for column, field in (
+            ("total_input_tokens", "input_tokens"),
+            ("total_output_tokens", "output_tokens"),
+            ("total_cache_read_tokens", "cache_read_tokens"),
+            ("total_cost_cents", "cost_cents"),
+        ):
+            assert r[column] == sum(e.get(field, 0) for e in es), (key, column)
+        assert r["unique_users"] == len({e["user_id"] for e in es if e.get("user_id")}), key
+        assert r["active_days"] == len({_when(e).date() for e in es}), key
+    # Consistent with usage_daily: the month's all-users daily rows add up to the monthly row.
+    daily = await conn.fetch(
+        "SELECT date_trunc('month', bucket, 'UTC') AS month, org_id::text AS org, "
+        "project_id::text AS project, model, sum(request_count) AS requests, "
+        "sum(total_input_tokens) AS input, "
+        "sum(total_cost_cents) AS cost, count(*) AS days FROM usage_daily WHERE user_id IS NULL "
+        "GROUP BY 1, 2, 3, 4"
+    )
+    assert len(daily) == len(got)
+    for d in daily:
+        r = got[(d["month"], d["org"], d["project"], d["model"])]
+        assert (d["requests"], d["input"], d["cost"], d["days"]) == (
+            r["request_count"],
+            r["total_input_tokens"],
+            r["total_cost_cents"],
+            r["active_days"],
+        )
+    return len(want)
+
+
+async def test_server_stats_and_usage_monthly_exact_after_crashes_duplicates_late_events_and_held_servers(
+    fresh_database_url: str, make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    settings = make_settings(
+        database_url=fresh_database_url,
+        batch_max_events=80,
+        batch_max_age_s=0.3,
+        rebalance_drain_s=2.0,
+        kafka_session_timeout_ms=3000,
+    )
+    await migrate(fresh_database_url)
+    await create_topic(settings, settings.topic, partitions=3)
+    conn = await asyncpg.connect(fresh_database_url)
+    try:
+        await _register(conn, *REGISTERED)
+        events = _with_sessions(make_events(1500, seed=51, now=datetime.now(UTC)), seed=52)
+        resent, end_offsets = await send(settings, events, resend_fraction=0.08, seed=53)
+        assert resent > 60
+
+        failpoints = "after_upload:0.1,after_postgres_commit:0.15,merge_before_commit:0.1"
+        env = {"OMNILOG_FAILPOINTS": failpoints, "OMNILOG_MERGE_INTERVAL_S": "0.5"}
+        workers = [start_worker(settings, tmp_path / f"w{i}.log", **env) for i in range(2)]
+        crashes = 0
+        deadline = time.monotonic() + 60
+        try:
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+                for i, proc in enumerate(workers):
+                    if proc.poll() is not None:
+                        crashes += proc.returncode == -signal.SIGKILL
+                        workers[i] = start_worker(settings, tmp_path / f"w{i}.log", **env)
+                try:
+                    await wait_caught_up(fresh_database_url, settings, end_offsets, timeout=0.1)
+                    break
+                except AssertionError:
+                    continue
+        finally:
+            for proc in workers:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait(timeout=10)
+        assert crashes >= 2, f"only {crashes} crashes: the test proved little"
+
+        proc = start_worker(settings, tmp_path / "clean.log", OMNILOG_MERGE_INTERVAL_S="0.5")
+        try:
+            await _wait_for_log(tmp_path / "clean.log", "partitions assigned", timeout=60)
+            await wait_caught_up(fresh_database_url, settings, end_offsets, timeout=90)
+            await _wait_clean(fresh_database_url, timeout=30)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=40) == 0
+
+        named = [e for e in events if e.get("server_id")]
+        assert await verify_server_stats(conn, events, {REGISTERED}) > 50
+        assert await _held_requests(conn) == sum(
+            1 for e in named if (e["server_id"], e["organization_id"]) != REGISTERED
+        )
+        assert await verify_usage_monthly(conn, events) >= 4
+
+        # Registering the held server folds its own organization's events, exactly; the other
+        # organization's events naming it stay held and never touch its rows.
+        await _register(conn, *LATE)
+        await merger.merge_until_clean(conn)
+        assert await verify_server_stats(conn, events, {REGISTERED, LATE}) > 100
+        assert await _held_requests(conn) == sum(
+            1 for e in named if (e["server_id"], e["organization_id"]) not in {REGISTERED, LATE}
+        )
+        assert await merger.held_server_deltas(conn) > 0
+    finally:
+        await conn.close()
