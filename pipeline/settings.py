@@ -90,6 +90,11 @@ class Settings(BaseSettings):
     max_event_age_days: int = Field(90, validation_alias=_env("OMNILOG_MAX_EVENT_AGE_DAYS"), gt=0)
     max_future_skew_s: int = Field(3600, validation_alias=_env("OMNILOG_MAX_FUTURE_SKEW_S"), ge=0)
 
+    # server_stats window width (docs/aggregates.md §10); must divide a day (86400 s).
+    server_stats_window_s: int = Field(
+        60, validation_alias=_env("OMNILOG_SERVER_STATS_WINDOW_S"), ge=1, le=86400
+    )
+
     # Dead-letter limit: stop consuming instead of draining a bad deploy into the DLQ.
     dlq_max_ratio: float = Field(0.5, validation_alias=_env("OMNILOG_DLQ_MAX_RATIO"), gt=0, le=1)
     dlq_min_window: int = Field(1000, validation_alias=_env("OMNILOG_DLQ_MIN_WINDOW"), gt=0)

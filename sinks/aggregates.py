@@ -20,7 +20,14 @@ from typing import Any, Literal
 import asyncpg
 
 from pipeline.settings import Settings
-from sinks.aggregate_parts import NO_METHOD, NO_PROJECT, NO_SERVER, NO_USER, AggregateDeltasWriter
+from sinks.aggregate_parts import (
+    DEFAULT_SERVER_WINDOW_S,
+    NO_METHOD,
+    NO_PROJECT,
+    NO_SERVER,
+    NO_USER,
+    AggregateDeltasWriter,
+)
 from sinks.db import Connection
 from sinks.index import BatchExtension
 from sinks.merger import MergerLoop, MergerThread, merge_pass, merge_until_clean, shards_of
@@ -45,8 +52,9 @@ Window = Literal["hourly", "daily"]
 Level = Literal["org", "server", "method"]
 
 
-def build_extensions() -> list[BatchExtension]:
-    return [UsageRowsWriter(), AggregateDeltasWriter()]
+def build_extensions(server_window_s: int = DEFAULT_SERVER_WINDOW_S) -> list[BatchExtension]:
+    """ValueError for a server window that does not divide a day."""
+    return [UsageRowsWriter(), AggregateDeltasWriter(server_window_s)]
 
 
 def build_merger_loop(settings: Settings) -> MergerLoop:

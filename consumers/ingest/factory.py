@@ -44,7 +44,7 @@ def build_worker(settings: Settings, registry: CollectorRegistry | None = None) 
     return IngestWorker(
         settings,
         registry=registry,
-        extensions=build_extensions(),
+        extensions=build_extensions(settings.server_stats_window_s),
         ensure_partitions=partition_ensurer(PartitionCache()),
         # The in-process merger runs on its own thread (never on the ingest loop); off when
         # `omnilog merge` runs as its own process (OMNILOG_MERGER_IN_WORKER=false).
