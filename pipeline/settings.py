@@ -125,6 +125,18 @@ class Settings(BaseSettings):
     # runs as its own Deployment.
     merger_in_worker: bool = Field(True, validation_alias=_env("OMNILOG_MERGER_IN_WORKER"))
 
+    # Retention tiers `omnilog maintain` applies (docs/operations.md "Retention"): raw usage rows
+    # (never longer than the organization's own retention), hourly and daily rollups.
+    usage_raw_retention_days: int = Field(
+        90, validation_alias=_env("OMNILOG_USAGE_RAW_RETENTION_DAYS"), ge=1, le=3650
+    )
+    usage_hourly_retention_days: int = Field(
+        365, validation_alias=_env("OMNILOG_USAGE_HOURLY_RETENTION_DAYS"), ge=1, le=3650
+    )
+    usage_daily_retention_days: int = Field(
+        5 * 365, validation_alias=_env("OMNILOG_USAGE_DAILY_RETENTION_DAYS"), ge=1, le=3650
+    )
+
     log_level: str = Field("INFO", validation_alias=_env("OMNILOG_LOG_LEVEL"))
 
     # The read API (`omnilog serve`, docs/security.md). It connects as its own role (member of

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING
+
+from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.processing.layout import object_uri, parse_object_uri
 from sinks.db import Connection
@@ -86,3 +89,167 @@ async def expire_objects(conn: Connection, s3: S3Client, before: date) -> int:
     await conn.execute("DELETE FROM ingest_objects WHERE log_date < $1", before)
     log.info("expired objects deleted", extra={"before": before.isoformat(), "objects": len(rows)})
     return len(rows)
+
+
+# Per-organization expiry --------------------------------------------------------------------------
+# Above the retention horizon, workers still accept an organization's old days, so its rows are
+# deleted rather than dropped with a partition. The order within a page is what keeps S3 and the
+# index in step while a worker ingests the same organization and day:
+#   1. read one page of the organization's ledger rows (`ingest_objects`) before the cutoff;
+#   2. delete the index rows that point at exactly those objects (committed);
+#   3. delete the objects; 4. delete the ledger rows of the objects whose delete succeeded.
+# A batch committing meanwhile writes its own ledger row and index rows for a new, unique key
+# (pipeline/processing/layout.py): they are not in the page, so they are left for the next run,
+# and no index row ever points at a deleted object. An object whose delete failed keeps its ledger
+# row (its index rows are already gone) and is retried on the next run.
+
+DEFAULT_EXPIRY_PAGE = 500  # objects per page: bounds each transaction's deleted rows and lock time
+_USAGE_BATCH_ROWS = 5000
+
+_PAGE = """
+SELECT object_uri, log_date, byte_size FROM ingest_objects
+ WHERE organization_id = $1::uuid AND log_date < $2
+   AND (log_date, object_uri) > ($3::date, $4::text)
+ ORDER BY log_date, object_uri
+ LIMIT $5
+"""
+# The started_at bounds let PostgreSQL prune to the page's day partitions; an object holds the
+# events of one UTC day (its log_date), so they cover all its rows.
+_DELETE_INDEX_ROWS = """
+DELETE FROM log_index
+ WHERE organization_id = $1::uuid AND started_at >= $2 AND started_at < $3 AND object_uri = ANY($4::text[])
+"""
+_COUNT_INDEX_ROWS = """
+SELECT count(*) FROM log_index
+ WHERE organization_id = $1::uuid AND started_at >= $2 AND started_at < $3 AND object_uri = ANY($4::text[])
+"""
+# (table, organization column, time column): raw usage rows, derived from the same events.
+USAGE_TABLES: tuple[tuple[str, str, str], ...] = (
+    ("usage_events", "org_id", "time"),
+    ("mcp_usage", "org_id", "time"),
+)
+
+
+@dataclass(slots=True)
+class Expiry:
+    """What one expiry removed (or, dry run, would remove)."""
+
+    index_rows: int = 0
+    usage_rows: int = 0
+    objects: int = 0
+    bytes: int = 0
+    failed_objects: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def _midnight(day: date) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+async def _delete_page(s3: S3Client, bucket: str, keys: Sequence[str]) -> tuple[set[str], list[str]]:
+    """Delete up to 1000 keys; return the keys deleted and the error messages of the others."""
+    try:
+        answer = await s3.delete_objects(
+            Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True}
+        )
+    except (BotoCoreError, ClientError) as exc:
+        return set(), [f"{bucket}: {type(exc).__name__}: {exc}"]
+    failed = {e.get("Key", "") for e in answer.get("Errors", [])}
+    errors = [
+        f"{bucket}/{e.get('Key')}: {e.get('Code')} {e.get('Message')}" for e in answer.get("Errors", [])
+    ]
+    return {k for k in keys if k not in failed}, errors
+
+
+async def expire_organization(
+    conn: Connection,
+    s3: S3Client,
+    organization_id: str,
+    first_kept_day: date,
+    *,
+    usage_first_kept_day: date | None = None,
+    since: date = date.min,
+    page: int = DEFAULT_EXPIRY_PAGE,
+    dry_run: bool = False,
+) -> Expiry:
+    """Delete one organization's index rows, objects, ledger rows and raw usage rows of the days
+    before `first_kept_day` (usage: before the later of it and `usage_first_kept_day`).
+
+    Pages of `page` objects, each in its own short transaction, so a worker's batch never waits
+    long behind it. With `dry_run`, counts what would go and deletes nothing. Objects of days
+    before `since` are left alone (a dry run passes the horizon, whose days go with partitions).
+    """
+    if not 1 <= page <= _DELETE_CHUNK:
+        raise ValueError(f"page must be within 1..{_DELETE_CHUNK}")
+    result = Expiry()
+    after: tuple[date, str] = (since, "")  # "" sorts before every URI: the page starts at `since`
+    while True:
+        rows = await conn.fetch(_PAGE, organization_id, first_kept_day, after[0], after[1], page)
+        if not rows:
+            break
+        after = (rows[-1]["log_date"], rows[-1]["object_uri"])
+        uris = [r["object_uri"] for r in rows]
+        low = _midnight(min(r["log_date"] for r in rows))
+        high = _midnight(max(r["log_date"] for r in rows) + timedelta(days=1))
+        if dry_run:
+            result.index_rows += await conn.fetchval(_COUNT_INDEX_ROWS, organization_id, low, high, uris)
+            result.objects += len(rows)
+            result.bytes += sum(r["byte_size"] for r in rows)
+            continue
+        status = await conn.execute(_DELETE_INDEX_ROWS, organization_id, low, high, uris)
+        result.index_rows += int(status.rsplit(" ", 1)[1])
+        size = {r["object_uri"]: r["byte_size"] for r in rows}
+        by_bucket: dict[str, list[str]] = {}
+        for uri in uris:
+            bucket, key = parse_object_uri(uri)
+            by_bucket.setdefault(bucket, []).append(key)
+        gone: list[str] = []
+        for bucket, keys in by_bucket.items():
+            deleted, errors = await _delete_page(s3, bucket, keys)
+            gone.extend(object_uri(bucket, k) for k in keys if k in deleted)
+            result.errors.extend(errors)
+        await conn.execute("DELETE FROM ingest_objects WHERE object_uri = ANY($1::text[])", gone)
+        result.objects += len(gone)
+        result.bytes += sum(size[u] for u in gone)
+        result.failed_objects += len(uris) - len(gone)
+    usage_cutoff = max(first_kept_day, usage_first_kept_day or first_kept_day)
+    for table, org_column, time_column in USAGE_TABLES:
+        result.usage_rows += await _delete_usage(
+            conn, table, org_column, time_column, organization_id, usage_cutoff, dry_run
+        )
+    if result.errors:
+        log.warning(
+            "object deletes failed",
+            extra={"organization_id": organization_id, "failed": result.failed_objects},
+        )
+    return result
+
+
+async def _delete_usage(
+    conn: Connection,
+    table: str,
+    org_column: str,
+    time_column: str,
+    organization_id: str,
+    first_kept_day: date,
+    dry_run: bool,
+) -> int:
+    where = f"{org_column} = $1::uuid AND {time_column} < $2"
+    if dry_run:
+        count: int = await conn.fetchval(
+            f"SELECT count(*) FROM {table} WHERE {where}", organization_id, _midnight(first_kept_day)
+        )
+        return count
+    total = 0
+    # Batches by physical row (tableoid + ctid: unique across partitions), so one statement never
+    # holds many row locks or writes a large burst of WAL.
+    statement = (
+        f"DELETE FROM {table} WHERE (tableoid, ctid) IN "
+        f"(SELECT tableoid, ctid FROM {table} WHERE {where} LIMIT {_USAGE_BATCH_ROWS})"
+    )
+    while True:
+        status = await conn.execute(statement, organization_id, _midnight(first_kept_day))
+        deleted = int(status.rsplit(" ", 1)[1])
+        total += deleted
+        if deleted < _USAGE_BATCH_ROWS:
+            return total

@@ -38,6 +38,7 @@ Plain reads (`load_horizon`, dashboards) take ACCESS SHARE and never wait.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import date, timedelta
 
 import asyncpg
@@ -124,3 +125,47 @@ async def advance_horizon(
             "the next run tries again"
         ) from None
     return advanced
+
+
+# Per organization --------------------------------------------------------------------------------
+# Each organization keeps its own number of days (organizations.log_retention_days, else its plan's
+# default); `omnilog maintain` deletes its older rows and objects above the horizon, and the horizon
+# itself (the partition-drop line) follows the longest retention, so no organization loses a day to
+# a dropped partition before its own retention says so.
+
+PLAN_RETENTION_DAYS: dict[str, int] = {"free": 7, "pro": 30, "enterprise": 365}
+# The seed's column default and plan_type default: an organization without a plan is on "free".
+_DEFAULT_PLAN = "free"
+
+
+@dataclass(frozen=True, slots=True)
+class OrganizationRetention:
+    organization_id: str
+    days: int
+    explicit: bool  # organizations.log_retention_days was set; otherwise the plan's default
+
+    def first_kept_day(self, today: date) -> date:
+        return today - timedelta(days=self.days)
+
+
+def effective_retention_days(explicit_days: int | None, plan: str | None) -> int:
+    """The explicit value wins; otherwise the plan's default (an unknown or missing plan: free's)."""
+    if explicit_days is not None:
+        return explicit_days
+    return PLAN_RETENTION_DAYS.get(plan or _DEFAULT_PLAN, PLAN_RETENTION_DAYS[_DEFAULT_PLAN])
+
+
+async def load_organization_retention(conn: Connection) -> list[OrganizationRetention]:
+    """Every registered organization's retention, read fresh on each run: a plan or retention
+    change takes effect at the next run (a longer one never brings deleted days back)."""
+    rows = await conn.fetch(
+        "SELECT id::text AS id, plan_type::text AS plan, log_retention_days FROM organizations ORDER BY id"
+    )
+    return [
+        OrganizationRetention(
+            r["id"],
+            effective_retention_days(r["log_retention_days"], r["plan"]),
+            r["log_retention_days"] is not None,
+        )
+        for r in rows
+    ]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -13,10 +16,10 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.processing.flush import REUPLOAD_AFTER_S
 from pipeline.settings import Settings, load_settings
-from sinks.janitor import expire_objects, sweep_orphans
+from sinks.janitor import Expiry, expire_objects, expire_organization, sweep_orphans
 from sinks.objects import s3_client
 from sinks.partitions import DEFAULT_DAYS_AHEAD, PartitionError, create_ahead, drop_expired
-from sinks.retention import RetentionError, load_horizon
+from sinks.retention import OrganizationRetention, RetentionError, load_horizon, load_organization_retention
 
 
 def _refuse_unsafe(settings: Settings, retention_days: int, orphan_grace: timedelta | None) -> None:
@@ -35,30 +38,194 @@ def _refuse_unsafe(settings: Settings, retention_days: int, orphan_grace: timede
         )
 
 
+# (table, time column, extra condition): the rollup tiers, each with its own retention setting.
+_HOURLY_ROLLUPS: tuple[tuple[str, str, str], ...] = (
+    ("usage_hourly", "bucket", ""),
+    ("usage_hour_users", "window_start", ""),
+    ("log_aggregates", "window_start", "AND window_type = 'hourly'"),
+)
+_DAILY_ROLLUPS: tuple[tuple[str, str, str], ...] = (
+    ("usage_daily", "bucket", ""),
+    ("usage_day_users", "window_start", ""),
+    ("log_aggregates", "window_start", "AND window_type = 'daily'"),
+)
+_UNREGISTERED = """
+SELECT DISTINCT organization_id::text AS id FROM ingest_objects
+ WHERE log_date < $1 AND organization_id NOT IN (SELECT id FROM organizations)
+"""
+_RECORD = """
+INSERT INTO retention_cleanup_logs (run_id, dry_run, what, organization_id, cutoff, index_rows,
+    usage_rows, aggregate_rows, objects, bytes, failed_objects, detail, duration_ms, error)
+VALUES ($1, $2, $3, $4::uuid, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+"""
+
+
+@dataclass(slots=True)
+class _Recorder:
+    """Writes one `retention_cleanup_logs` row per step and keeps the run's totals."""
+
+    conn: asyncpg.Connection
+    dry_run: bool
+    run_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    totals: dict[str, int] = field(default_factory=dict)
+    failures: int = 0
+
+    async def record(
+        self,
+        what: str,
+        started: float,
+        *,
+        organization_id: str | None = None,
+        cutoff: date | None = None,
+        expiry: Expiry | None = None,
+        aggregate_rows: int = 0,
+        objects: int = 0,
+        detail: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        e = expiry or Expiry(objects=objects)
+        counts = {
+            "index_rows": e.index_rows,
+            "usage_rows": e.usage_rows,
+            "aggregate_rows": aggregate_rows,
+            "objects": e.objects,
+            "bytes": e.bytes,
+            "failed_objects": e.failed_objects,
+        }
+        for name, value in counts.items():
+            self.totals[name] = self.totals.get(name, 0) + value
+        error = error or ("; ".join(e.errors[:5]) if e.errors else None)
+        self.failures += error is not None
+        await self.conn.execute(
+            _RECORD, self.run_id, self.dry_run, what, organization_id, cutoff, *counts.values(), detail,
+            round((time.monotonic() - started) * 1000), error,
+        )  # fmt: skip
+
+
+async def _expire_rollups(conn: asyncpg.Connection, settings: Settings, today: date, rec: _Recorder) -> None:
+    for tier, days, tables in (
+        ("hourly", settings.usage_hourly_retention_days, _HOURLY_ROLLUPS),
+        ("daily", settings.usage_daily_retention_days, _DAILY_ROLLUPS),
+    ):
+        started = time.monotonic()
+        cutoff = today - timedelta(days=days)
+        removed = 0
+        for table, column, condition in tables:
+            where = f"{column} < $1 {condition}"
+            if rec.dry_run:
+                removed += await conn.fetchval(
+                    f"SELECT count(*) FROM {table} WHERE {where}", _midnight(cutoff)
+                )
+            else:
+                status = await conn.execute(f"DELETE FROM {table} WHERE {where}", _midnight(cutoff))
+                removed += int(status.rsplit(" ", 1)[1])
+        await rec.record("rollups", started, cutoff=cutoff, aggregate_rows=removed, detail=tier)
+
+
+async def _ledger_before(conn: asyncpg.Connection, day: date) -> Expiry:
+    """The objects (count and bytes) the ledger records before `day`."""
+    row = await conn.fetchrow(
+        "SELECT count(*) AS n, coalesce(sum(byte_size), 0)::bigint AS b FROM ingest_objects"
+        " WHERE log_date < $1",
+        day,
+    )
+    assert row is not None  # an aggregate always returns one row
+    return Expiry(objects=row["n"], bytes=row["b"])
+
+
+def _midnight(day: date) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
 async def _run(
-    settings: Settings, days_ahead: int, retention_days: int, orphan_grace: timedelta | None
+    settings: Settings, days_ahead: int, retention_days: int, orphan_grace: timedelta | None, dry_run: bool
 ) -> dict[str, object]:
     conn = await asyncpg.connect(settings.database_url.get_secret_value())
+    today = datetime.now(UTC).date()
+    rec = _Recorder(conn, dry_run)
     try:
-        created = await create_ahead(conn, days_ahead)
-        # Advances the retention horizon (committed) before dropping anything behind it.
-        dropped = await drop_expired(conn, retention_days)
-        horizon = await load_horizon(conn)
-        assert horizon is not None  # drop_expired has just set it
-        # Index rows first (above), then their objects: a failure in between leaves objects with
-        # ledger rows, deleted on the next run, never an index row pointing at nothing.
+        organizations = await load_organization_retention(conn)
+        # The partition-drop line: past every organization's retention (and never closer than the
+        # oldest accepted event), so a dropped day is one no organization keeps any more.
+        longest = max([retention_days, *(o.days for o in organizations)])
+        summary: dict[str, object] = {
+            "run_id": str(rec.run_id),
+            "dry_run": dry_run,
+            "partition_retention_days": longest,
+        }
         async with s3_client(settings) as s3:
-            expired = await expire_objects(conn, s3, before=horizon)
-            orphans = await sweep_orphans(conn, s3, settings.s3_bucket, orphan_grace) if orphan_grace else []
+            if dry_run:
+                horizon = max(today - timedelta(days=longest), await load_horizon(conn) or date.min)
+                started = time.monotonic()
+                await rec.record(
+                    "expired_objects", started, cutoff=horizon, expiry=await _ledger_before(conn, horizon)
+                )
+            else:
+                started = time.monotonic()
+                summary["created"] = {
+                    table: [d.isoformat() for d in days]
+                    for table, days in (await create_ahead(conn, days_ahead)).items()
+                    if days
+                }
+                # Advances the retention horizon (committed) before dropping anything behind it.
+                dropped = await drop_expired(conn, longest)
+                loaded = await load_horizon(conn)
+                assert loaded is not None  # drop_expired has just set it
+                horizon = loaded
+                summary["dropped_days"] = [d.isoformat() for d in dropped]
+                await rec.record(
+                    "partitions", started, cutoff=horizon, detail=f"{len(dropped)} day(s) dropped"
+                )
+                # Index rows first (above), then their objects: a failure in between leaves objects
+                # with ledger rows, deleted on the next run, never an index row pointing at nothing.
+                started = time.monotonic()
+                # No batch can add a ledger row before the horizon: this is what the next line deletes.
+                going = await _ledger_before(conn, horizon)
+                expired = await expire_objects(conn, s3, before=horizon)
+                going.objects = expired
+                await rec.record("expired_objects", started, cutoff=horizon, expiry=going)
+                summary["expired_objects"] = expired
+            summary["retention_horizon"] = horizon.isoformat()
+            usage_first_kept = today - timedelta(days=settings.usage_raw_retention_days)
+            # Organizations events name but nobody registered keep --retention-days.
+            unregistered = [
+                OrganizationRetention(r["id"], retention_days, False)
+                for r in await conn.fetch(_UNREGISTERED, today - timedelta(days=retention_days))
+            ]
+            per_org: dict[str, dict[str, int]] = {}
+            for org in [*organizations, *unregistered]:
+                started = time.monotonic()
+                cutoff = org.first_kept_day(today)
+                expiry = await expire_organization(
+                    conn,
+                    s3,
+                    org.organization_id,
+                    cutoff,
+                    usage_first_kept_day=usage_first_kept,
+                    since=horizon,
+                    dry_run=dry_run,
+                )
+                await rec.record(
+                    "organization", started, organization_id=org.organization_id, cutoff=cutoff, expiry=expiry
+                )
+                if expiry.index_rows or expiry.objects or expiry.usage_rows or expiry.failed_objects:
+                    per_org[org.organization_id] = {
+                        "retention_days": org.days, "index_rows": expiry.index_rows,
+                        "objects": expiry.objects, "usage_rows": expiry.usage_rows,
+                        "failed_objects": expiry.failed_objects,
+                    }  # fmt: skip
+            summary["organizations"] = per_org
+            await _expire_rollups(conn, settings, today, rec)
+            if orphan_grace and not dry_run:
+                started = time.monotonic()
+                orphans = await sweep_orphans(conn, s3, settings.s3_bucket, orphan_grace)
+                await rec.record("orphans", started, objects=len(orphans))
+                summary["orphans_deleted"] = len(orphans)
     finally:
         await conn.close()
-    return {
-        "created": {table: [d.isoformat() for d in days] for table, days in created.items() if days},
-        "retention_horizon": horizon.isoformat(),
-        "dropped_days": [d.isoformat() for d in dropped],
-        "expired_objects": expired,
-        "orphans_deleted": len(orphans),
-    }
+    summary["deleted" if not dry_run else "would_delete"] = rec.totals
+    summary["failures"] = rec.failures
+    return summary
 
 
 @click.command("maintain")
@@ -85,8 +252,17 @@ async def _run(
     help="Delete objects no committed batch recorded once older than this; 0 disables the sweep. "
     "Must be longer than the 1 h after which a flush re-uploads an upload it still holds.",
 )
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Count what a run would delete (recorded in retention_cleanup_logs) and delete nothing.",
+)
 def command(
-    env_file: Path | None, days_ahead: int, retention_days: int | None, orphan_grace_hours: float
+    env_file: Path | None,
+    days_ahead: int,
+    retention_days: int | None,
+    orphan_grace_hours: float,
+    dry_run: bool,
 ) -> None:
     """Create partitions ahead, drop those past retention with their objects, sweep orphans.
 
@@ -97,7 +273,7 @@ def command(
     grace = timedelta(hours=orphan_grace_hours) if orphan_grace_hours > 0 else None
     _refuse_unsafe(settings, keep, grace)
     try:
-        summary = asyncio.run(_run(settings, days_ahead, keep, grace))
+        summary = asyncio.run(_run(settings, days_ahead, keep, grace, dry_run))
     except (PartitionError, RetentionError) as exc:
         raise click.ClickException(str(exc)) from None
     except (BotoCoreError, ClientError) as exc:
@@ -108,3 +284,7 @@ def command(
         raise click.ClickException(f"database (OMNILOG_DATABASE_URL): {type(exc).__name__}: {exc}") from None
     summary["retention_days"] = keep
     click.echo(orjson.dumps(summary).decode())
+    if summary["failures"]:
+        # Some objects could not be deleted: their ledger rows stay and the next run retries them;
+        # the non-zero exit marks the CronJob run as failed so the failure is seen.
+        raise SystemExit(1)

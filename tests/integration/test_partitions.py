@@ -208,6 +208,9 @@ async def test_maintain_command_creates_ahead_and_reports_dropped_days(
     conn = await asyncpg.connect(fresh_database_url)
     try:
         expired = TODAY - timedelta(days=100)
+        # The partition-drop line follows the longest organization retention (the seed's default
+        # organization keeps 365 days): at 90 days, the 100-day-old partition is dropped.
+        await conn.execute("UPDATE organizations SET log_retention_days = 90")
         await ensure_day_partitions(conn, "log_index", [expired])
     finally:
         await conn.close()

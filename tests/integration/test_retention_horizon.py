@@ -264,6 +264,9 @@ async def test_maintain_advances_the_horizon_and_accepts_a_grace_beyond_the_reup
     database, connect, make_settings
 ) -> None:
     conn = await connect()
+    # The partition-drop line follows the longest organization retention (the seed's default
+    # organization keeps 365 days): bring it to 90 so the 90-day horizon is what is tested here.
+    await conn.execute("UPDATE organizations SET log_retention_days = 90")
     await ensure_day_partitions(conn, "log_index", [EXPIRED])
     result = await _maintain(_cli_env(make_settings(database_url=database)), "--orphan-grace-hours", "1.5")
     assert result.exit_code == 0, result.output
