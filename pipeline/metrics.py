@@ -30,6 +30,25 @@ _FRESHNESS_BUCKETS: Final = (
     900.0,
     3600.0,
 )
+# Signed seconds, started_at minus the Kafka record timestamp: below zero is normal (the gateway's
+# buffering and send time, late events); above zero the gateway's clock is ahead of Kafka's.
+_CLOCK_SKEW_BUCKETS: Final = (
+    -86400.0,
+    -3600.0,
+    -600.0,
+    -300.0,
+    -60.0,
+    -10.0,
+    -1.0,
+    0.0,
+    1.0,
+    10.0,
+    60.0,
+    300.0,
+    600.0,
+    3600.0,
+    86400.0,
+)
 _SIZE_BUCKETS: Final = tuple(float(2**k) for k in range(10, 28, 2))  # 1 KiB .. 128 MiB
 _COUNT_BUCKETS: Final = (1, 10, 50, 100, 500, 1000, 2500, 5000, 10000, 25000, 50000)
 
@@ -98,6 +117,12 @@ class WorkerMetrics:
             "omnilog_freshness_seconds",
             "Postgres commit time minus the event's started_at",
             buckets=_FRESHNESS_BUCKETS,
+            registry=registry,
+        )
+        self.clock_skew = Histogram(
+            "omnilog_clock_skew_seconds",
+            "An indexed event's started_at minus its Kafka record timestamp (a sample of each batch)",
+            buckets=_CLOCK_SKEW_BUCKETS,
             registry=registry,
         )
         self.orphaned_uploads = Counter(
