@@ -4,7 +4,8 @@
   transaction on the events seen for the first time (sinks/usage.py, sinks/aggregate_parts.py);
 - `build_merger_loop(settings)`: the merger loop of `omnilog merge` (sinks/merger.py);
 - `build_merger(settings)`: a worker's in-process merger, on a thread of its own;
-- `query_log_aggregates` / `query_usage`: rows for `omnilog aggregates show`.
+- `query_log_aggregates` / `query_usage` / `query_server_stats` / `query_usage_monthly`: rows for
+  `omnilog aggregates show | usage | servers | monthly`.
 
 Design, key sentinels, error bounds and measurements: docs/aggregates.md.
 """
@@ -45,7 +46,9 @@ __all__ = [
     "merge_pass",
     "merge_until_clean",
     "query_log_aggregates",
+    "query_server_stats",
     "query_usage",
+    "query_usage_monthly",
 ]
 
 Window = Literal["hourly", "daily"]
@@ -137,6 +140,42 @@ async def query_usage(
         "avg_latency_ms, p50_latency_ms, p95_latency_ms, p99_latency_ms, unique_users "
         f"FROM {table} WHERE org_id = $1 AND bucket >= $2 AND bucket < $3{users} "
         "ORDER BY bucket, project_id, model",
+        organization_id,
+        since,
+        until,
+    )
+    return _plain_rows(rows)
+
+
+async def query_server_stats(
+    conn: Connection, organization_id: str, since: datetime, until: datetime, server_id: str | None = None
+) -> list[dict[str, Any]]:
+    """server_stats windows of an organization's registered servers (or one of them)."""
+    rows = await conn.fetch(
+        "SELECT s.window_start, s.window_end, s.server_id::text AS server_id, m.name AS server_name, "
+        "s.total_requests, s.success_requests, s.error_requests, s.active_sessions, "
+        "s.avg_response_time_ms, s.min_response_time_ms, s.max_response_time_ms "
+        "FROM server_stats s JOIN mcp_servers m ON m.id = s.server_id "
+        "WHERE m.organization_id = $1 AND s.window_start >= $2 AND s.window_start < $3 "
+        "AND ($4::uuid IS NULL OR s.server_id = $4::uuid) ORDER BY s.window_start, m.name, s.server_id",
+        organization_id,
+        since,
+        until,
+        server_id,
+    )
+    return _plain_rows(rows)
+
+
+async def query_usage_monthly(
+    conn: Connection, organization_id: str, since: datetime, until: datetime
+) -> list[dict[str, Any]]:
+    """usage_monthly rows of an organization whose month starts in [since's month, until)."""
+    rows = await conn.fetch(
+        "SELECT month, project_id::text AS project_id, model, request_count, success_count, error_count, "
+        "total_input_tokens, total_output_tokens, total_cache_read_tokens, total_cost_cents, unique_users, "
+        "active_days, avg_latency_ms, p50_latency_ms, p95_latency_ms, p99_latency_ms FROM usage_monthly "
+        "WHERE org_id = $1 AND month >= date_trunc('month', $2::timestamptz, 'UTC') AND month < $3 "
+        "ORDER BY month, project_id, model",
         organization_id,
         since,
         until,

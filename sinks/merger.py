@@ -791,11 +791,14 @@ async def pending_deltas(conn: Connection) -> int:
     return int(await conn.fetchval(f"SELECT {counts}"))
 
 
-async def held_server_deltas(conn: Connection) -> int:
-    """server_stats deltas held because their server is not (yet) registered to their organization."""
+async def held_server_deltas(conn: Connection, organization_id: str | None = None) -> int:
+    """server_stats deltas held because their server is not (yet) registered to their organization
+    (of every organization, or of one)."""
     return int(
         await conn.fetchval(
-            f"SELECT count(*) FROM server_stats_deltas d WHERE NOT ({SERVER_STATS_DELTAS.fold_when})"
+            f"SELECT count(*) FROM server_stats_deltas d WHERE NOT ({SERVER_STATS_DELTAS.fold_when}) "
+            "AND ($1::uuid IS NULL OR d.organization_id = $1::uuid)",
+            organization_id,
         )
     )
 

@@ -1,5 +1,5 @@
-"""`omnilog aggregates show | usage | merge | isolated | release`: read the rollups, run merge
-passes, list the keys the merger held aside and release them."""
+"""`omnilog aggregates show | usage | servers | monthly | merge | isolated | release`: read the
+rollups, run merge passes, list the keys the merger held aside and release them."""
 
 from __future__ import annotations
 
@@ -183,6 +183,80 @@ def usage(env_file: Path | None, org: str, window: str, since: str, until: str |
     _print(rows, columns, as_json, f"{window} usage of {org_id}")
 
 
+@command.command("servers")
+@_env_file
+@click.option("--org", "org", required=True, help="Organization id.")
+@click.option("--server", default=None, help="Only this server id.")
+@click.option("--since", default="1h", show_default=True, help="RFC 3339, or a span back from now: 15m, 6h.")
+@_until
+@_json
+def servers(
+    env_file: Path | None, org: str, server: str | None, since: str, until: str | None, as_json: bool
+) -> None:
+    """Print server_stats windows of an organization's registered servers, and how many server
+    deltas are held for servers not registered (yet)."""
+    from sinks.aggregates import query_server_stats
+    from sinks.merger import held_server_deltas
+
+    settings = load_settings(env_file)
+    start, end = _range(since, until)
+    org_id = _uuid(org, "--org")
+    server_id = None if server is None else _uuid(server, "--server")
+
+    async def run(conn: Any) -> tuple[list[dict[str, Any]], int]:
+        return await query_server_stats(conn, org_id, start, end, server_id), await held_server_deltas(
+            conn, org_id
+        )
+
+    rows, held = asyncio.run(_with_conn(settings, run))
+    columns = [
+        ("window_start", "Window"),
+        ("server_name", "Server"),
+        ("total_requests", "requests"),
+        ("error_requests", "errors"),
+        ("active_sessions", "sessions"),
+        ("avg_response_time_ms", "avg ms"),
+        ("min_response_time_ms", "min ms"),
+        ("max_response_time_ms", "max ms"),
+    ]
+    _print(rows, columns, as_json, f"server stats of {org_id}")
+    if held:
+        click.echo(
+            f"{held} server_stats deltas held for servers not registered to their organization", err=True
+        )
+
+
+@command.command("monthly")
+@_env_file
+@click.option("--org", "org", required=True, help="Organization id.")
+@click.option(
+    "--since", default="90d", show_default=True, help="RFC 3339, or a span back from now (its month on)."
+)
+@_until
+@_json
+def monthly(env_file: Path | None, org: str, since: str, until: str | None, as_json: bool) -> None:
+    """Print usage_monthly rows (per month, project and model) of an organization."""
+    from sinks.aggregates import query_usage_monthly
+
+    settings = load_settings(env_file)
+    start, end = _range(since, until)
+    org_id = _uuid(org, "--org")
+    rows = asyncio.run(_with_conn(settings, lambda conn: query_usage_monthly(conn, org_id, start, end)))
+    columns = [
+        ("month", "Month"),
+        ("project_id", "Project"),
+        ("model", "Model"),
+        ("request_count", "requests"),
+        ("error_count", "errors"),
+        ("total_input_tokens", "input tok"),
+        ("total_output_tokens", "output tok"),
+        ("total_cost_cents", "cost ¢"),
+        ("unique_users", "users"),
+        ("active_days", "days"),
+    ]
+    _print(rows, columns, as_json, f"monthly usage of {org_id}")
+
+
 @command.command("merge")
 @_env_file
 @click.option("--wait", default=30.0, show_default=True, help="Seconds to wait for a busy merger lock.")
@@ -208,7 +282,7 @@ def merge(env_file: Path | None, wait: float) -> None:
         sys.exit(1)
     click.echo(
         f"merged {stats.deltas_folded} deltas into {stats.log_rows} log_aggregates rows "
-        f"and {stats.usage_rows} usage rows"
+        f"and {stats.usage_rows} usage rows and {stats.server_rows} server_stats rows"
     )
     for isolated in stats.isolated:
         key = " ".join(str(v) for v in isolated.key)
@@ -241,7 +315,15 @@ def isolated(env_file: Path | None, as_json: bool) -> None:
 @click.option(
     "--table",
     "parts_table",
-    type=click.Choice(["log_aggregate_deltas", "usage_deltas", "usage_user_deltas"]),
+    type=click.Choice(
+        [
+            "log_aggregate_deltas",
+            "usage_deltas",
+            "usage_user_deltas",
+            "server_stats_deltas",
+            "usage_monthly_deltas",
+        ]
+    ),
     default=None,
     help="Only keys of this deltas table [default: all tables].",
 )

@@ -13,8 +13,10 @@ organization's server stay held and never touch its rows.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
+import sys
 import time
 import uuid
 from collections import defaultdict
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 
 from pipeline.settings import Settings
@@ -105,6 +108,46 @@ async def _register(conn: asyncpg.Connection, server: str, org: str) -> None:
         server,
         org,
     )
+
+
+async def _omnilog(url: str, *args: str) -> tuple[str, str]:
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "omnilog"),
+        "aggregates",
+        *args,
+        env={**os.environ, "OMNILOG_DATABASE_URL": url},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    return out.decode(), err.decode()
+
+
+async def check_commands(url: str, conn: asyncpg.Connection) -> None:
+    """`omnilog aggregates servers|monthly --json` print exactly the stored rows of the organization."""
+    out, err = await _omnilog(url, "servers", "--org", ORGS[1], "--since", "5d", "--json")
+    shown = [orjson.loads(line) for line in out.splitlines()]
+    stored = await conn.fetch(
+        "SELECT s.total_requests, s.active_sessions FROM server_stats s "
+        "JOIN mcp_servers m ON m.id = s.server_id WHERE m.organization_id = $1 ORDER BY s.window_start",
+        ORGS[1],
+    )
+    assert [(r["total_requests"], r["active_sessions"]) for r in shown] == [tuple(r) for r in stored]
+    assert len(shown) > 20 and {r["server_id"] for r in shown} == {LATE[0]}
+    held = await merger.held_server_deltas(conn, ORGS[1])
+    assert held > 0 and f"{held} server_stats deltas held" in err
+    out, _ = await _omnilog(url, "monthly", "--org", ORGS[0], "--since", "40d", "--json")
+    shown = [orjson.loads(line) for line in out.splitlines()]
+    stored = await conn.fetch(
+        "SELECT request_count, unique_users, active_days FROM usage_monthly WHERE org_id = $1 "
+        "ORDER BY month, project_id, model",
+        ORGS[0],
+    )
+    assert len(shown) >= 2
+    assert [(r["request_count"], r["unique_users"], r["active_days"]) for r in shown] == [
+        tuple(r) for r in stored
+    ]
 
 
 async def _held_requests(conn: asyncpg.Connection) -> int:
@@ -266,5 +309,6 @@ async def test_server_stats_and_usage_monthly_exact_after_crashes_duplicates_lat
             1 for e in named if (e["server_id"], e["organization_id"]) not in {REGISTERED, LATE}
         )
         assert await merger.held_server_deltas(conn) > 0
+        await check_commands(fresh_database_url, conn)
     finally:
         await conn.close()
