@@ -7,6 +7,8 @@ exits 1 when a committed file is stale; tests/deploy runs the same comparison).
 
 - omnilog-pipeline.json: pipeline health from Prometheus (the workers' own metrics).
 - omnilog-gateway-traffic.json: gateway traffic from the Postgres aggregates (`log_aggregates`).
+- omnilog-usage.json: AI usage and server health from the Postgres rollups (`usage_hourly`,
+  `usage_daily`, `usage_monthly`, `mcp_usage_hourly`, `server_stats`).
 """
 
 from __future__ import annotations
@@ -878,11 +880,176 @@ ORDER BY 1
     )
 
 
+# ---- usage dashboard (Postgres: usage rollups, MCP tool calls, server_stats) ----------------------
+
+_U_ORG = "u.org_id = ${organization:sqlstring}::uuid"
+_NIL = "'00000000-0000-0000-0000-000000000000'::uuid"
+# "project / model", with the sentinels of docs/aggregates.md shown as "(none)"
+_U_KEY = (
+    f"CASE WHEN u.project_id = {_NIL} THEN '(none)' ELSE u.project_id::text END"
+    " || ' / ' || COALESCE(NULLIF(u.model, ''), '(none)')"
+)
+
+
+def _pg_table(title: str, description: str, sql: str, overrides: list[dict[str, Any]], sort: str) -> Panel:
+    return {
+        "type": "table",
+        "title": title,
+        "description": description,
+        "datasource": _PG,
+        "targets": _refs([_sql(sql, fmt="table")]),
+        "fieldConfig": {"defaults": {}, "overrides": overrides},
+        "options": {"showHeader": True, "sortBy": [{"displayName": sort, "desc": True}]},
+    }
+
+
+def usage_dashboard() -> Panel:
+    lay = _Layout()
+    lay.row("Tokens and cost")
+    lay.add(
+        _timeseries(
+            "Tokens per hour by project and model",
+            [
+                _sql(f"""
+SELECT u.bucket AS "time", {_U_KEY} AS metric,
+       SUM(u.total_input_tokens + u.total_output_tokens)::float8 AS tokens
+FROM usage_hourly u
+WHERE {_U_ORG} AND $__timeFilter(u.bucket)
+GROUP BY 1, 2
+ORDER BY 1
+""")
+            ],
+            "short",
+            "Input plus output tokens per hour, per project and model (exact sums from usage_hourly).",
+            _PG,
+            stack=True,
+        ),
+        w=12,
+    )
+    lay.add(
+        _timeseries(
+            "Cost per hour by project and model",
+            [
+                _sql(f"""
+SELECT u.bucket AS "time", {_U_KEY} AS metric, SUM(u.total_cost_cents)::float8 / 100 AS cost
+FROM usage_hourly u
+WHERE {_U_ORG} AND $__timeFilter(u.bucket)
+GROUP BY 1, 2
+ORDER BY 1
+""")
+            ],
+            "currencyUSD",
+            "Cost per hour, per project and model, in dollars (exact cent sums from usage_hourly).",
+            _PG,
+            stack=True,
+        ),
+        w=12,
+    )
+    lay.row("Users and months")
+    lay.add(
+        _timeseries(
+            "Unique users per day by project and model",
+            [
+                _sql(f"""
+SELECT u.bucket AS "time", {_U_KEY} AS metric, u.unique_users AS users
+FROM usage_daily u
+WHERE {_U_ORG} AND u.user_id IS NULL
+  AND u.bucket >= date_trunc('day', $__timeFrom()::timestamptz, 'UTC') AND u.bucket <= $__timeTo()
+ORDER BY 1
+""")
+            ],
+            "short",
+            "Distinct users per UTC day (every day overlapping the range) of each project and model "
+            "(exact; a user of two models counts in both, so the lines are not added up).",
+            _PG,
+        ),
+        w=12,
+    )
+    lay.add(
+        _pg_table(
+            "Months by project and model",
+            "usage_monthly: exact sums, distinct users and active days of each month overlapping the range.",
+            f"""
+SELECT u.month, {_U_KEY} AS project_model, u.request_count AS requests,
+       u.total_input_tokens AS input_tokens, u.total_output_tokens AS output_tokens,
+       u.total_cost_cents::float8 / 100 AS cost, u.unique_users AS users, u.active_days
+FROM usage_monthly u
+WHERE {_U_ORG} AND u.month >= date_trunc('month', $__timeFrom()::timestamptz, 'UTC')
+  AND u.month <= $__timeTo()
+ORDER BY u.month DESC, requests DESC
+LIMIT 500
+""",
+            [_unit("byName", "cost", "currencyUSD")],
+            "requests",
+        ),
+        w=12,
+    )
+    lay.row("MCP tools and servers")
+    lay.add(
+        _pg_table(
+            "Top MCP tools",
+            "Tool calls over the range (mcp_usage_hourly), busiest first, with their error rate.",
+            """
+SELECT t.tool_name AS tool, COALESCE(s.name, t.server_id::text) AS server, SUM(t.calls) AS calls,
+       SUM(t.error_count + t.timeout_count)::float8 / NULLIF(SUM(t.calls), 0) AS error_rate,
+       SUM(t.total_latency_ms)::float8 / NULLIF(SUM(t.calls), 0) AS avg_latency_ms
+FROM mcp_usage_hourly t LEFT JOIN mcp_servers s ON s.id = t.server_id
+WHERE t.org_id = ${organization:sqlstring}::uuid AND $__timeFilter(t.bucket)
+GROUP BY 1, 2
+ORDER BY calls DESC
+LIMIT 20
+""",
+            [_unit("byName", "error_rate", "percentunit"), _unit("byName", "avg_latency_ms", "ms")],
+            "calls",
+        ),
+        w=12,
+    )
+    lay.add(
+        _timeseries(
+            "Error rate per server (server_stats)",
+            [
+                _sql("""
+SELECT $__timeGroupAlias(st.window_start, '5m'), m.name AS metric,
+       SUM(st.error_requests)::float8 / NULLIF(SUM(st.total_requests), 0) AS error_rate
+FROM server_stats st JOIN mcp_servers m ON m.id = st.server_id
+WHERE m.organization_id = ${organization:sqlstring}::uuid AND $__timeFilter(st.window_start)
+GROUP BY 1, 2
+ORDER BY 1
+""")
+            ],
+            "percentunit",
+            "Errors over requests per registered server, from its one-minute server_stats windows "
+            "grouped by 5 minutes (exact counts).",
+            _PG,
+            thresholds=[(0.05, "red")],
+        ),
+        w=12,
+    )
+    org_query = """
+SELECT DISTINCT u.org_id::text AS __value, COALESCE(o.name, u.org_id::text) AS __text
+FROM usage_daily u LEFT JOIN organizations o ON o.id = u.org_id
+WHERE u.user_id IS NULL AND u.bucket > now() - interval '35 days'
+ORDER BY 2
+""".strip()
+    templating = [
+        _datasource_var("grafana-postgresql-datasource", "Omnilog Postgres"),
+        {**_query_var("organization", "Organization", org_query, _PG, multi=False)},
+    ]
+    return _dashboard(
+        "omnilog-usage",
+        "Omnilog / AI usage",
+        "Tokens and cost by project and model, unique users, months, top MCP tools and server error "
+        "rates, from the Postgres rollups.",
+        lay.panels,
+        templating,
+    )
+
+
 def render_all() -> dict[str, str]:
     """File name -> JSON text of every dashboard."""
     return {
         f"{board['uid']}.json": json.dumps(board, indent=2, sort_keys=False) + "\n"
-        for board in (pipeline_dashboard(), gateway_dashboard())
+        for board in (pipeline_dashboard(), gateway_dashboard(), usage_dashboard())
     }
 
 

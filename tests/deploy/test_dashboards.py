@@ -11,7 +11,7 @@ from typing import Any
 import pglast
 import pytest
 
-from tests.deploy.grafana_sql import expand, panel_queries, variable_queries
+from tests.deploy.grafana_sql import USAGE_DASHBOARD, expand, panel_queries, variable_queries
 from tests.deploy.support import DASHBOARDS, load_tool_module
 
 BOARDS = sorted(DASHBOARDS.glob("*.json"))
@@ -21,6 +21,10 @@ _VARS = {
     "server": ["00000000-0000-0000-0000-0000000000aa", "x'y"],
     "method": ["tools/call"],
 }
+
+
+# Grafana's PostgreSQL datasource macros (expanded in tests by tests/deploy/grafana_sql.py).
+GRAFANA_MACROS = {"__timeFilter", "__timeFrom", "__timeTo", "__timeGroupAlias"}
 
 
 def test_dashboard_files_are_generated() -> None:
@@ -45,7 +49,7 @@ def test_dashboard_is_well_formed(path: Any) -> None:
         assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
         assert panel["targets"], panel["title"]
         text = json.dumps(panel["targets"])
-        used = set(re.findall(r"\$\{?(\w+)", text)) - {"__timeFilter"}
+        used = set(re.findall(r"\$\{?(\w+)", text)) - GRAFANA_MACROS
         assert used <= defined, f"{panel['title']}: undefined variables {used - defined}"
     # Panels never overlap.
     cells = set()
@@ -61,6 +65,9 @@ def test_every_postgres_query_parses() -> None:
     start, end = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 2, tzinfo=UTC)
     queries = [*panel_queries(), *variable_queries()]
     assert len(queries) >= 9
+    usage = [*panel_queries(USAGE_DASHBOARD), *variable_queries(USAGE_DASHBOARD)]
+    assert len(usage) >= 7
+    queries += usage
     for title, sql in queries:
         statements = pglast.parse_sql(expand(sql, _VARS, start, end))
         assert len(statements) == 1, title

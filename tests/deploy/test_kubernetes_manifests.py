@@ -271,7 +271,7 @@ def test_prometheus_rule_carries_the_plain_rule_file(rendered: Rendered) -> None
 
 def test_grafana_configmap_holds_the_dashboard_files(rendered: Rendered) -> None:
     files = {p.name: p.read_text() for p in DASHBOARDS.glob("*.json")}
-    assert len(files) == 2
+    assert len(files) == 3  # pipeline, gateway traffic, AI usage
     for variant in VARIANT_NAMES:
         dashboards = only(rendered[variant], "ConfigMap", "omnilog-grafana-dashboards")
         assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
