@@ -13,6 +13,8 @@ import asyncpg
 import click
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
+from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.processing.flush import REUPLOAD_AFTER_S
 from pipeline.settings import Settings, load_settings
@@ -20,6 +22,68 @@ from sinks.janitor import Expiry, expire_objects, expire_organization, sweep_orp
 from sinks.objects import s3_client
 from sinks.partitions import DEFAULT_DAYS_AHEAD, PartitionError, create_ahead, drop_expired
 from sinks.retention import OrganizationRetention, RetentionError, load_horizon, load_organization_retention
+
+# Metrics of the last run, written as a Prometheus text file (`--metrics-textfile`): the CronJob's
+# process lives for one run, so nothing could scrape it; a node_exporter textfile collector (or any
+# reader of the format) exports the file. Gauges, each describing the last run.
+_LAST_SUCCESS = "omnilog_maintain_last_success_timestamp_seconds"
+
+
+@dataclass(frozen=True, slots=True)
+class MaintainMetrics:
+    """The gauges of one run, on their own registry (also read by tests/deploy's name check).
+
+    Only what an alert reads: the counts of what was deleted are in the run's JSON line and, per
+    organization, in `retention_cleanup_logs`.
+    """
+
+    last_success: Gauge
+    failed: Gauge
+    failed_objects: Gauge
+
+    @classmethod
+    def register(cls, registry: CollectorRegistry) -> MaintainMetrics:
+        return cls(
+            last_success=Gauge(
+                _LAST_SUCCESS, "When maintain last ran without any failure (Unix time).", registry=registry
+            ),
+            failed=Gauge(
+                "omnilog_maintain_last_run_failed",
+                "1 when the last maintain run failed, else 0.",
+                registry=registry,
+            ),
+            failed_objects=Gauge(
+                "omnilog_maintain_failed_objects",
+                "Objects whose delete failed in the last run.",
+                registry=registry,
+            ),
+        )
+
+
+def write_metrics(path: Path, summary: dict[str, object] | None, *, now: float) -> None:
+    """Write the run's metrics to `path` (atomically). `summary` None: the run failed before it
+    could report; the last success timestamp is carried over from the previous file."""
+    registry = CollectorRegistry()
+    m = MaintainMetrics.register(registry)
+    ok = summary is not None and not summary.get("failures")
+    m.failed.set(0 if ok else 1)
+    m.last_success.set(now if ok else _previous_success(path))
+    totals = summary.get("deleted", {}) if summary else {}
+    assert isinstance(totals, dict)
+    m.failed_objects.set(totals.get("failed_objects", 0))
+    write_to_textfile(str(path), registry)
+
+
+def _previous_success(path: Path) -> float:
+    try:
+        text = path.read_text()
+    except OSError:
+        return 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == _LAST_SUCCESS:
+                return float(sample.value)
+    return 0.0
 
 
 def _refuse_unsafe(settings: Settings, retention_days: int, orphan_grace: timedelta | None) -> None:
@@ -228,6 +292,24 @@ async def _run(
     return summary
 
 
+def _run_and_record(
+    settings: Settings,
+    days_ahead: int,
+    keep: int,
+    grace: timedelta | None,
+    dry_run: bool,
+    metrics_textfile: Path | None,
+) -> dict[str, object]:
+    summary: dict[str, object] | None = None
+    try:
+        summary = asyncio.run(_run(settings, days_ahead, keep, grace, dry_run))
+        return summary
+    finally:
+        # A dry run changes nothing, so it reports nothing either (its counts are predictions).
+        if metrics_textfile is not None and not dry_run:
+            write_metrics(metrics_textfile, summary, now=time.time())
+
+
 @click.command("maintain")
 @click.option("--env-file", type=click.Path(path_type=Path), help="A .env-style file of settings.")
 @click.option(
@@ -253,6 +335,12 @@ async def _run(
     "Must be longer than the 1 h after which a flush re-uploads an upload it still holds.",
 )
 @click.option(
+    "--metrics-textfile",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Write the run's metrics (last success, deletions, failures) to this Prometheus text file.",
+)
+@click.option(
     "--dry-run",
     is_flag=True,
     help="Count what a run would delete (recorded in retention_cleanup_logs) and delete nothing.",
@@ -262,6 +350,7 @@ def command(
     days_ahead: int,
     retention_days: int | None,
     orphan_grace_hours: float,
+    metrics_textfile: Path | None,
     dry_run: bool,
 ) -> None:
     """Create partitions ahead, drop those past retention with their objects, sweep orphans.
@@ -273,7 +362,7 @@ def command(
     grace = timedelta(hours=orphan_grace_hours) if orphan_grace_hours > 0 else None
     _refuse_unsafe(settings, keep, grace)
     try:
-        summary = asyncio.run(_run(settings, days_ahead, keep, grace, dry_run))
+        summary = _run_and_record(settings, days_ahead, keep, grace, dry_run, metrics_textfile)
     except (PartitionError, RetentionError) as exc:
         raise click.ClickException(str(exc)) from None
     except (BotoCoreError, ClientError) as exc:

@@ -13,6 +13,7 @@ import yaml
 from prometheus_client import CollectorRegistry, ProcessCollector
 
 from pipeline.api.middleware import ApiMetrics
+from pipeline.commands.maintain import MaintainMetrics
 from pipeline.metrics import WorkerMetrics
 from tests.deploy.support import DASHBOARDS, KUBE, RULES_FILE
 
@@ -38,6 +39,7 @@ def exported_names() -> set[str]:
     registry = CollectorRegistry()
     WorkerMetrics(registry)
     ApiMetrics(registry)  # the read API's (pipeline/api), scraped as job="omnilog-api"
+    MaintainMetrics.register(registry)  # `omnilog maintain`'s text file (a textfile collector)
     names: set[str] = set()
     for family in registry.collect():
         names.update(family.name + suffix for suffix in _SUFFIXES[family.type])

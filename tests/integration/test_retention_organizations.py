@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -18,6 +20,7 @@ import orjson
 import pytest
 from botocore.exceptions import ClientError
 from click.testing import CliRunner, Result
+from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.cli import cli
 from pipeline.processing.layout import object_key, object_uri, parse_object_uri
@@ -224,9 +227,18 @@ async def test_each_organization_keeps_its_plan_or_explicit_retention(world: Set
         await conn.close()
 
 
+def _gauges(path: Path) -> dict[str, float]:
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(path.read_text())
+        for sample in family.samples
+    }
+
+
 async def test_a_failed_object_delete_keeps_its_ledger_row_and_is_retried(
-    world: Settings, make_settings: Callable[..., Settings]
+    world: Settings, make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
+    metrics = tmp_path / "maintain.prom"
     settings = world
     # The ledger names an object in a bucket that does not exist yet: its delete fails.
     other = f"{settings.s3_bucket}-gone"
@@ -244,8 +256,13 @@ async def test_a_failed_object_delete_keeps_its_ledger_row_and_is_retried(
             " byte_offset, byte_length) VALUES (gen_random_uuid(), $1::uuid, $2, 's3', $3, 0, 5)",
             FREE, at, uri,
         )  # fmt: skip
-        first = await _maintain(settings)
+        first = await _maintain(settings, "--metrics-textfile", str(metrics))
         assert first.exit_code == 1, first.output
+        assert _gauges(metrics) == {
+            "omnilog_maintain_last_success_timestamp_seconds": 0.0,  # never succeeded yet
+            "omnilog_maintain_last_run_failed": 1.0,
+            "omnilog_maintain_failed_objects": 1.0,
+        }
         summary = orjson.loads(first.output.splitlines()[0])
         assert summary["failures"] == 1 and summary["organizations"][FREE]["failed_objects"] == 1
         # The index row is gone, the ledger row stays for the retry.
@@ -260,8 +277,13 @@ async def test_a_failed_object_delete_keeps_its_ledger_row_and_is_retried(
         make_settings(OMNILOG_S3_BUCKET=other)  # creates the bucket
         async with s3_client(settings) as s3:
             await s3.put_object(Bucket=other, Key=parse_object_uri(uri)[1], Body=b"x")
-            second = await _maintain(settings)
+            before = time.time()
+            second = await _maintain(settings, "--metrics-textfile", str(metrics))
             assert second.exit_code == 0, second.output
+            gauges = _gauges(metrics)
+            assert gauges["omnilog_maintain_last_success_timestamp_seconds"] >= int(before)
+            assert gauges["omnilog_maintain_last_run_failed"] == 0
+            assert gauges["omnilog_maintain_failed_objects"] == 0
             assert not await _object_exists(s3, uri)
         assert await conn.fetchval("SELECT count(*) FROM ingest_objects WHERE object_uri = $1", uri) == 0
         await _check_state(conn, settings, EXPECTED_DAYS)

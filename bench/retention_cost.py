@@ -1,0 +1,190 @@
+"""What expiring one organization's rows costs the ingest hot path.
+
+An ingest loop writes batches the way a worker's batch transaction does (COPY into the temporary
+stage table, INSERT ... ON CONFLICT DO NOTHING into log_index, one ledger row per object, one
+transaction per batch; sinks/index.py's statements) for today's day partition, at full speed on
+one connection. Each round measures its rate alone (baseline), then while `expire_organization`
+(sinks/janitor.py) deletes `--expired-rows` index rows of one organization, with their ledger
+rows, from older days on a second connection. Reports rows/s for both and the drop.
+
+The object store is a stub that accepts every delete at once: the expiry then runs its database
+work back to back, the worst case for contention (real deletes only add pauses between pages).
+
+    .venv/bin/python bench/retention_cost.py --database-url postgresql://... [--expired-rows 200000]
+
+The database must be migrated (`omnilog migrate`) and is left with today's ingested rows. On a
+shared machine, repeat the rounds and read the spread: other processes move both numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+import uuid
+from datetime import UTC, date, datetime, timedelta
+from typing import TYPE_CHECKING, Any, cast
+
+import asyncpg
+
+from sinks.index import _CREATE_STAGE, _INSERT_NEW, _STAGE, LOG_INDEX_COLUMNS
+from sinks.janitor import DEFAULT_EXPIRY_PAGE, DEFAULT_IDLE_RATIO, expire_organization
+from sinks.partitions import ensure_day_partitions
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
+EXPIRING_ORG = uuid.UUID(int=0xE1)
+INGEST_ORGS = [uuid.UUID(int=0x100 + n) for n in range(20)]
+ROWS_PER_OBJECT = 500
+
+
+class AcceptingS3:
+    """Answers DeleteObjects at once, deleting nothing (only the database cost is measured)."""
+
+    async def delete_objects(self, **_: Any) -> dict[str, Any]:
+        return {}
+
+
+def _row(rng: random.Random, org: uuid.UUID, started: datetime, uri: str, offset: int) -> tuple[object, ...]:
+    return (
+        uuid.uuid4(), org, None, None, "tools/call", "info", started, rng.randint(1, 3000), 200,
+        False, "s3", uri, offset, 1000, f"user-{rng.randint(1, 2000)}", "10.0.0.1", None, None, 1,
+    )  # fmt: skip
+
+
+async def seed_expired(conn: asyncpg.Connection, rows: int, days: list[date], rng: random.Random) -> None:
+    """`rows` index rows of the expiring organization spread over `days`, with their ledger rows."""
+    records: list[tuple[object, ...]] = []
+    ledger: list[tuple[object, ...]] = []
+    for n in range(rows):
+        if n % ROWS_PER_OBJECT == 0:  # an object holds one day's events, as the worker writes them
+            day = days[n * len(days) // rows]
+            uri = f"s3://bench/org/{EXPIRING_ORG}/date={day.isoformat()}/_/seed-{n}.jsonl.gz"
+            ledger.append((uri, EXPIRING_ORG, day, ROWS_PER_OBJECT, ROWS_PER_OBJECT * 1000))
+        started = datetime(day.year, day.month, day.day, 12, tzinfo=UTC)
+        records.append(_row(rng, EXPIRING_ORG, started, uri, (n % ROWS_PER_OBJECT) * 1000))
+    await conn.copy_records_to_table("log_index", records=records, columns=LOG_INDEX_COLUMNS)
+    await conn.copy_records_to_table(
+        "ingest_objects",
+        records=ledger,
+        columns=("object_uri", "organization_id", "log_date", "event_count", "byte_size"),
+    )
+
+
+async def ingest(
+    conn: asyncpg.Connection, batch: int, until: asyncio.Event, min_s: float, rng: random.Random
+) -> float:
+    """Write batches until `until` is set and `min_s` has passed; return rows/s."""
+    await conn.execute(_CREATE_STAGE)
+    began = time.perf_counter()
+    written = 0
+    while not (until.is_set() and time.perf_counter() - began >= min_s):
+        org = rng.choice(INGEST_ORGS)
+        now = datetime.now(UTC)
+        uri = f"s3://bench/org/{org}/date={now.date().isoformat()}/_/live-{uuid.uuid4().hex}.jsonl.gz"
+        records = [_row(rng, org, now, uri, i * 1000) for i in range(batch)]
+        async with conn.transaction():
+            await conn.copy_records_to_table(_STAGE, records=records, columns=LOG_INDEX_COLUMNS)
+            await conn.fetch(_INSERT_NEW)
+            await conn.execute(
+                "INSERT INTO ingest_objects (object_uri, organization_id, log_date, event_count, byte_size)"
+                " VALUES ($1, $2, $3, $4, $5)",
+                uri, org, now.date(), batch, batch * 1000,
+            )  # fmt: skip
+        written += batch
+    return written / (time.perf_counter() - began)
+
+
+async def one_round(
+    url: str, expired_rows: int, batch: int, baseline_s: float, seed: int, page: int, idle_ratio: float
+) -> dict[str, float]:
+    rng = random.Random(seed)
+    today = datetime.now(UTC).date()
+    days = [today - timedelta(days=d) for d in range(8, 15)]
+    writer, expirer = await asyncpg.connect(url), await asyncpg.connect(url)
+    try:
+        await ensure_day_partitions(expirer, "log_index", [today, *days])
+        await seed_expired(expirer, expired_rows, days, rng)
+        await expirer.execute("VACUUM ANALYZE log_index")
+        await expirer.execute("VACUUM ANALYZE ingest_objects")
+        stop = asyncio.Event()
+        stop.set()
+        baseline = await ingest(writer, batch, stop, baseline_s, rng)
+
+        done = asyncio.Event()
+        timing: dict[str, float] = {}
+
+        async def expire() -> None:
+            began = time.perf_counter()
+            result = await expire_organization(
+                expirer,
+                cast("S3Client", AcceptingS3()),
+                str(EXPIRING_ORG),
+                today - timedelta(days=7),
+                page=page,
+                idle_ratio=idle_ratio,
+            )
+            timing["expire_s"] = time.perf_counter() - began
+            timing["expired_rows"] = result.index_rows
+            done.set()
+
+        task = asyncio.create_task(expire())
+        during = await ingest(writer, batch, done, 0.0, rng)
+        await task
+    finally:
+        await writer.close()
+        await expirer.close()
+    return {
+        "baseline_rows_per_s": round(baseline),
+        "during_expiry_rows_per_s": round(during),
+        "drop_pct": round(100 * (1 - during / baseline), 1),
+        "expire_s": round(timing["expire_s"], 2),
+        "expired_rows": timing["expired_rows"],
+        "expired_rows_per_s": round(timing["expired_rows"] / timing["expire_s"]),
+    }
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--database-url", required=True)
+    parser.add_argument("--expired-rows", type=int, default=200_000)
+    parser.add_argument("--batch", type=int, default=2000, help="rows per ingest batch")
+    parser.add_argument("--baseline-s", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--page", type=int, default=DEFAULT_EXPIRY_PAGE, help="objects per expiry page")
+    parser.add_argument(
+        "--idle-ratio", type=float, default=DEFAULT_IDLE_RATIO, help="idle time per page's time"
+    )
+    args = parser.parse_args()
+    rounds = [
+        await one_round(
+            args.database_url,
+            args.expired_rows,
+            args.batch,
+            args.baseline_s,
+            seed,
+            args.page,
+            args.idle_ratio,
+        )
+        for seed in range(args.rounds)
+    ]
+    drops = [r["drop_pct"] for r in rounds]
+    print(
+        json.dumps(
+            {
+                "expiry_page_objects": args.page,
+                "idle_ratio": args.idle_ratio,
+                "rows_per_object": ROWS_PER_OBJECT,
+                "rounds": rounds,
+                "median_drop_pct": statistics.median(drops),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
