@@ -310,5 +310,15 @@ async def test_server_stats_and_usage_monthly_exact_after_crashes_duplicates_lat
         )
         assert await merger.held_server_deltas(conn) > 0
         await check_commands(fresh_database_url, conn)
+
+        # The hourly prune keeps every set an accepted event can still reach (all of these), and
+        # drops those past the lateness limit (all of them, seen from 200 days on).
+        sets = ("server_window_sessions", "usage_month_users", "usage_active_days")
+        before = [await conn.fetchval(f"SELECT count(*) FROM {table}") for table in sets]
+        await merger.prune_user_sets(conn, 90)
+        assert [await conn.fetchval(f"SELECT count(*) FROM {table}") for table in sets] == before
+        assert min(before) > 0
+        await merger.prune_user_sets(conn, 90, now=datetime.now(UTC) + timedelta(days=200))
+        assert [await conn.fetchval(f"SELECT count(*) FROM {table}") for table in sets] == [0, 0, 0]
     finally:
         await conn.close()
