@@ -29,9 +29,10 @@ import asyncpg
 import orjson
 import pytest
 
+from pipeline.contract import ValidationPolicy, ValidEvent, validate_event
 from pipeline.settings import Settings
 from sinks import merger
-from sinks.aggregate_parts import DEFAULT_SERVER_WINDOW_S
+from sinks.aggregate_parts import DEFAULT_SERVER_WINDOW_S, AggregateDeltasWriter
 from sinks.migrate import migrate
 from tests.integration.ingest_support import create_topic, start_worker, wait_caught_up
 from tests.integration.test_aggregates import (
@@ -47,6 +48,8 @@ from tests.integration.test_aggregates import (
 )
 
 pytestmark = pytest.mark.integration
+
+POLICY = ValidationPolicy(timedelta(days=90), timedelta(hours=1))
 
 SESSIONS = [str(uuid.UUID(int=0xD000 + i)) for i in range(6)]
 REGISTERED = (str(SERVERS[1]), ORGS[0])  # registered before the traffic
@@ -320,5 +323,62 @@ async def test_server_stats_and_usage_monthly_exact_after_crashes_duplicates_lat
         assert min(before) > 0
         await merger.prune_user_sets(conn, 90, now=datetime.now(UTC) + timedelta(days=200))
         assert [await conn.fetchval(f"SELECT count(*) FROM {table}") for table in sets] == [0, 0, 0]
+    finally:
+        await conn.close()
+
+
+def _valid_events(bodies: list[dict[str, Any]]) -> list[ValidEvent]:
+    out = []
+    for body in bodies:
+        event = validate_event(orjson.dumps(body), datetime.now(UTC), POLICY)
+        assert isinstance(event, ValidEvent), event
+        out.append(event)
+    return out
+
+
+async def test_a_window_of_another_width_is_isolated_never_mixed_and_widths_must_divide_a_day(
+    fresh_database_url: str,
+) -> None:
+    with pytest.raises(ValueError, match="divide a day"):
+        AggregateDeltasWriter(7)
+    await migrate(fresh_database_url)
+    conn = await asyncpg.connect(fresh_database_url)
+    try:
+        server, other = REGISTERED[0], str(uuid.UUID(int=0xB0FF))
+        await _register(conn, server, ORGS[0])
+        await _register(conn, other, ORGS[0])
+        window = (datetime.now(UTC) - timedelta(hours=1)).replace(minute=0, second=0, microsecond=0)
+
+        def events(srv: str, n: int) -> list[ValidEvent]:
+            stamp = window.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            return _valid_events(
+                [
+                    {
+                        "event_id": str(uuid.uuid4()),
+                        "organization_id": ORGS[0],
+                        "started_at": stamp,
+                        "duration_ms": 10 * (i + 1),
+                        "server_id": srv,
+                    }
+                    for i in range(n)
+                ]
+            )
+
+        async with conn.transaction():
+            await AggregateDeltasWriter(60).write(conn, events(server, 3), 0)
+        await merger.merge_until_clean(conn)
+        # The same window start at 120 s: not added to the 60 s row; the other server goes on.
+        async with conn.transaction():
+            await AggregateDeltasWriter(120).write(conn, events(server, 2) + events(other, 4), 0)
+        stats = await merger.merge_until_clean(conn)
+        assert stats is not None and [k.parts_table for k in stats.isolated] == ["server_stats_deltas"]
+        assert "120" in stats.isolated[0].error and "60" in stats.isolated[0].error
+        rows = {
+            r["server"]: r for r in await conn.fetch("SELECT server_id::text AS server, * FROM server_stats")
+        }
+        assert (rows[server]["total_requests"], rows[server]["max_response_time_ms"]) == (3, 30)
+        assert rows[server]["window_end"] - rows[server]["window_start"] == timedelta(seconds=60)
+        assert (rows[other]["total_requests"], rows[other]["min_response_time_ms"]) == (4, 10)
+        assert rows[other]["window_end"] - rows[other]["window_start"] == timedelta(seconds=120)
     finally:
         await conn.close()
