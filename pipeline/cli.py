@@ -37,6 +37,7 @@ _COMMANDS: dict[str, str] = {
     "bench": "pipeline.commands.bench:command",
     "serve": "pipeline.commands.serve:command",
     "keys": "pipeline.commands.keys:command",
+    "lifecycle": "pipeline.commands.lifecycle:command",
 }
 
 

@@ -143,6 +143,7 @@ class OrganizationRetention:
     organization_id: str
     days: int
     explicit: bool  # organizations.log_retention_days was set; otherwise the plan's default
+    plan: str | None = None
 
     def first_kept_day(self, today: date) -> date:
         return today - timedelta(days=self.days)
@@ -166,6 +167,7 @@ async def load_organization_retention(conn: Connection) -> list[OrganizationRete
             r["id"],
             effective_retention_days(r["log_retention_days"], r["plan"]),
             r["log_retention_days"] is not None,
+            r["plan"],
         )
         for r in rows
     ]
