@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import random
+import resource
 import statistics
 import time
 import uuid
@@ -31,8 +32,9 @@ from typing import TYPE_CHECKING, Any, cast
 import asyncpg
 
 from sinks.index import _CREATE_STAGE, _INSERT_NEW, _STAGE, LOG_INDEX_COLUMNS
-from sinks.janitor import DEFAULT_EXPIRY_PAGE, DEFAULT_IDLE_RATIO, expire_organization
+from sinks.janitor import DEFAULT_EXPIRY_PAGE, DEFAULT_IDLE_RATIO, expire_before_horizon, expire_organization
 from sinks.partitions import ensure_day_partitions
+from sinks.retention import advance_horizon
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -148,6 +150,35 @@ async def one_round(
     }
 
 
+async def janitor_scale(url: str, ledger_rows: int) -> dict[str, float]:
+    """Expire a synthetic ledger of `ledger_rows` objects before the horizon (stub object store):
+    the time, and how much the process's peak memory grew (it must not grow with the ledger)."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(
+            "INSERT INTO ingest_objects (object_uri, organization_id, log_date, event_count, byte_size)"
+            " SELECT 's3://bench/org/' || $2::text || '/date=2000-01-01/_/scale-' || n || '.jsonl.gz',"
+            " $2::uuid, DATE '2000-01-01', 1, 1000 FROM generate_series(1, $1) AS n",
+            ledger_rows, str(EXPIRING_ORG),
+        )  # fmt: skip
+        await conn.execute("VACUUM ANALYZE ingest_objects")
+        await advance_horizon(conn, date(2000, 1, 2))
+        peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        began = time.perf_counter()
+        result = await expire_before_horizon(conn, cast("S3Client", AcceptingS3()), date(2000, 1, 2))
+        elapsed = time.perf_counter() - began
+        peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    finally:
+        await conn.close()
+    return {
+        "ledger_rows": ledger_rows,
+        "expired_objects": result.objects,
+        "seconds": round(elapsed, 1),
+        "objects_per_s": round(result.objects / elapsed),
+        "peak_rss_growth_mib": round((peak_after - peak_before) / 1024, 1),
+    }
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--database-url", required=True)
@@ -155,11 +186,20 @@ async def main() -> None:
     parser.add_argument("--batch", type=int, default=2000, help="rows per ingest batch")
     parser.add_argument("--baseline-s", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--janitor-ledger-rows",
+        type=int,
+        default=0,
+        help="instead: expire a synthetic ledger of this many objects",
+    )
     parser.add_argument("--page", type=int, default=DEFAULT_EXPIRY_PAGE, help="objects per expiry page")
     parser.add_argument(
         "--idle-ratio", type=float, default=DEFAULT_IDLE_RATIO, help="idle time per page's time"
     )
     args = parser.parse_args()
+    if args.janitor_ledger_rows:
+        print(json.dumps(await janitor_scale(args.database_url, args.janitor_ledger_rows)))
+        return
     rounds = [
         await one_round(
             args.database_url,

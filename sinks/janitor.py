@@ -34,22 +34,19 @@ log = logging.getLogger("omnilog.janitor")
 _DELETE_CHUNK = 1000  # the most keys one DeleteObjects call takes
 
 
-async def _delete_keys(s3: S3Client, bucket: str, keys: Sequence[str]) -> None:
-    for start in range(0, len(keys), _DELETE_CHUNK):
-        chunk = keys[start : start + _DELETE_CHUNK]
-        await s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True})
-
-
 async def sweep_orphans(
     conn: Connection, s3: S3Client, bucket: str, grace: timedelta = timedelta(hours=6)
-) -> list[str]:
-    """Delete objects under `org/` older than `grace` that no committed batch recorded.
+) -> int:
+    """Delete objects under `org/` older than `grace` that no committed batch recorded; return
+    how many were deleted.
 
+    Streams: one listing page (at most 1,000 keys) at a time is checked against the ledger and
+    its orphans deleted before the next page is read, so memory does not grow with the bucket.
     The grace period must exceed the longest a flush can take between upload and commit
     (retries during an outage included), or a slow flush would lose its objects.
     """
     cutoff = datetime.now(UTC) - grace
-    orphans: list[str] = []
+    deleted = 0
     paginator = s3.get_paginator("list_objects_v2")
     async for page in paginator.paginate(Bucket=bucket, Prefix="org/"):
         old = [o["Key"] for o in page.get("Contents", []) if o["LastModified"] < cutoff]
@@ -62,18 +59,35 @@ async def sweep_orphans(
                 "SELECT object_uri FROM ingest_objects WHERE object_uri = ANY($1::text[])", uris
             )
         }
-        orphans.extend(k for k, u in zip(old, uris, strict=True) if u not in known)
-    await _delete_keys(s3, bucket, orphans)
-    log.info("orphans swept", extra={"deleted": len(orphans)})
-    return orphans
+        orphans = [k for k, u in zip(old, uris, strict=True) if u not in known]
+        if orphans:
+            gone, errors = await _delete_page(s3, bucket, orphans)
+            deleted += len(gone)
+            if errors:
+                # Left in place: the next sweep finds them again.
+                log.warning("orphan deletes failed", extra={"failed": len(errors), "first": errors[0]})
+    log.info("orphans swept", extra={"deleted": deleted})
+    return deleted
 
 
-async def expire_objects(conn: Connection, s3: S3Client, before: date) -> int:
-    """Delete the objects (and ledger rows) of every date before `before`.
+_LEDGER_PAGE = """
+SELECT object_uri, byte_size FROM ingest_objects
+ WHERE log_date < $1 AND object_uri > $2
+ ORDER BY object_uri
+ LIMIT $3
+"""
+
+
+async def expire_before_horizon(
+    conn: Connection, s3: S3Client, before: date, *, page: int = _DELETE_CHUNK
+) -> Expiry:
+    """Delete the objects (and ledger rows) of every date before `before`, in pages.
 
     Call after the index partitions of those dates are dropped. Refused (nothing deleted) when
     `before` is past the retention horizon: those dates are still accepted, and a batch could be
-    committing a ledger row for an object deleted here.
+    committing a ledger row for an object deleted here. Streams the ledger a page at a time
+    (keyset on object_uri, index-only on the primary key); an object whose delete failed keeps
+    its ledger row, is counted in `failed_objects` and is retried by the next run.
     """
     horizon = await load_horizon(conn)
     if horizon is None or before > horizon:
@@ -81,16 +95,41 @@ async def expire_objects(conn: Connection, s3: S3Client, before: date) -> int:
             f"refusing to expire objects before {before.isoformat()}: the retention horizon is "
             f"{horizon.isoformat() if horizon else 'not set'} (drop_expired advances it first)"
         )
-    rows = await conn.fetch("SELECT object_uri FROM ingest_objects WHERE log_date < $1", before)
-    by_bucket: dict[str, list[str]] = {}
-    for row in rows:
-        bucket, key = parse_object_uri(row["object_uri"])
-        by_bucket.setdefault(bucket, []).append(key)
-    for bucket, keys in by_bucket.items():
-        await _delete_keys(s3, bucket, keys)
-    await conn.execute("DELETE FROM ingest_objects WHERE log_date < $1", before)
-    log.info("expired objects deleted", extra={"before": before.isoformat(), "objects": len(rows)})
-    return len(rows)
+    result = Expiry()
+    after = ""
+    while True:
+        rows = await conn.fetch(_LEDGER_PAGE, before, after, page)
+        if not rows:
+            break
+        after = rows[-1]["object_uri"]
+        size = {r["object_uri"]: r["byte_size"] for r in rows}
+        by_bucket: dict[str, list[str]] = {}
+        for uri in size:
+            bucket, key = parse_object_uri(uri)
+            by_bucket.setdefault(bucket, []).append(key)
+        gone: list[str] = []
+        for bucket, keys in by_bucket.items():
+            deleted, errors = await _delete_page(s3, bucket, keys)
+            gone.extend(object_uri(bucket, k) for k in keys if k in deleted)
+            result.errors.extend(errors)
+        await conn.execute("DELETE FROM ingest_objects WHERE object_uri = ANY($1::text[])", gone)
+        result.objects += len(gone)
+        result.bytes += sum(size[u] for u in gone)
+        result.failed_objects += len(rows) - len(gone)
+    log.info("expired objects deleted", extra={"before": before.isoformat(), "objects": result.objects})
+    return result
+
+
+async def expire_objects(conn: Connection, s3: S3Client, before: date) -> int:
+    """`expire_before_horizon`, raising when some objects could not be deleted; returns how many
+    were."""
+    result = await expire_before_horizon(conn, s3, before)
+    if result.failed_objects:
+        raise RetentionError(
+            f"{result.failed_objects} expired object(s) could not be deleted (their ledger rows stay "
+            f"for the next run): {'; '.join(result.errors[:3])}"
+        )
+    return result.objects
 
 
 # Per-organization expiry --------------------------------------------------------------------------

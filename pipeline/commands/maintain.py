@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.processing.flush import REUPLOAD_AFTER_S
 from pipeline.settings import Settings, load_settings
-from sinks.janitor import Expiry, expire_objects, expire_organization, sweep_orphans
+from sinks.janitor import Expiry, expire_before_horizon, expire_organization, sweep_orphans
 from sinks.objects import s3_client
 from sinks.partitions import DEFAULT_DAYS_AHEAD, PartitionError, create_ahead, drop_expired
 from sinks.retention import OrganizationRetention, RetentionError, load_horizon, load_organization_retention
@@ -243,12 +243,9 @@ async def _run(
                 # Index rows first (above), then their objects: a failure in between leaves objects
                 # with ledger rows, deleted on the next run, never an index row pointing at nothing.
                 started = time.monotonic()
-                # No batch can add a ledger row before the horizon: this is what the next line deletes.
-                going = await _ledger_before(conn, horizon)
-                expired = await expire_objects(conn, s3, before=horizon)
-                going.objects = expired
-                await rec.record("expired_objects", started, cutoff=horizon, expiry=going)
-                summary["expired_objects"] = expired
+                expired = await expire_before_horizon(conn, s3, before=horizon)
+                await rec.record("expired_objects", started, cutoff=horizon, expiry=expired)
+                summary["expired_objects"] = expired.objects
             summary["retention_horizon"] = horizon.isoformat()
             usage_first_kept = today - timedelta(days=settings.usage_raw_retention_days)
             # Organizations events name but nobody registered keep --retention-days.
@@ -283,8 +280,8 @@ async def _run(
             if orphan_grace and not dry_run:
                 started = time.monotonic()
                 orphans = await sweep_orphans(conn, s3, settings.s3_bucket, orphan_grace)
-                await rec.record("orphans", started, objects=len(orphans))
-                summary["orphans_deleted"] = len(orphans)
+                await rec.record("orphans", started, objects=orphans)
+                summary["orphans_deleted"] = orphans
     finally:
         await conn.close()
     summary["deleted" if not dry_run else "would_delete"] = rec.totals

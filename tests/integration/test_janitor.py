@@ -12,10 +12,11 @@ from click.testing import CliRunner
 
 from pipeline.cli import cli
 from pipeline.processing.layout import encode_lines, object_key, object_uri
-from sinks.janitor import sweep_orphans
+from sinks.janitor import expire_before_horizon, sweep_orphans
 from sinks.migrate import migrate
 from sinks.objects import ObjectWriter, s3_client
 from sinks.partitions import ensure_day_partitions
+from sinks.retention import advance_horizon
 
 pytestmark = pytest.mark.integration
 
@@ -45,9 +46,8 @@ async def test_orphan_sweep_deletes_only_unrecorded_objects(fresh_database_url, 
                 _LEDGER_INSERT, object_uri(settings.s3_bucket, recorded), ORG, today,
             )  # fmt: skip
             # Within the grace period nothing is touched: a flush may be about to commit it.
-            assert await sweep_orphans(conn, s3, settings.s3_bucket, grace=timedelta(hours=1)) == []
-            deleted = await sweep_orphans(conn, s3, settings.s3_bucket, grace=timedelta(seconds=0))
-            assert deleted == [orphan]
+            assert await sweep_orphans(conn, s3, settings.s3_bucket, grace=timedelta(hours=1)) == 0
+            assert await sweep_orphans(conn, s3, settings.s3_bucket, grace=timedelta(seconds=0)) == 1
             assert await _exists(s3, settings.s3_bucket, recorded)
             assert not await _exists(s3, settings.s3_bucket, orphan)
     finally:
@@ -127,3 +127,31 @@ def _env(settings) -> dict[str, str]:
         "AWS_SECRET_ACCESS_KEY": settings.aws_secret_access_key.get_secret_value(),
         "AWS_REGION": settings.aws_region,
     }
+
+
+async def test_expiry_before_the_horizon_pages_and_keeps_the_ledger_rows_of_failed_deletes(
+    fresh_database_url, make_settings
+):
+    settings = make_settings()
+    await migrate(fresh_database_url)
+    old_day = datetime.now(UTC).date() - timedelta(days=100)
+    keys = [object_key(ORG, old_day, None, "t") for _ in range(5)]
+    # One ledger row names a bucket that does not exist: its delete fails.
+    missing = object_uri(f"{settings.s3_bucket}-gone", object_key(ORG, old_day, None, "t"))
+    conn = await asyncpg.connect(fresh_database_url)
+    try:
+        async with s3_client(settings) as s3:
+            for key in keys:
+                await s3.put_object(Bucket=settings.s3_bucket, Key=key, Body=b"x")
+                await conn.execute(_LEDGER_INSERT, object_uri(settings.s3_bucket, key), ORG, old_day)
+            await conn.execute(_LEDGER_INSERT, missing, ORG, old_day)
+            await advance_horizon(conn, old_day + timedelta(days=1))
+            # Pages of 2: the keyset walk reaches every row, and a failed row does not stop it.
+            result = await expire_before_horizon(conn, s3, old_day + timedelta(days=1), page=2)
+            assert (result.objects, result.failed_objects) == (5, 1)
+            assert result.errors and "NoSuchBucket" in result.errors[0]
+            assert [r[0] for r in await conn.fetch("SELECT object_uri FROM ingest_objects")] == [missing]
+            for key in keys:
+                assert not await _exists(s3, settings.s3_bucket, key)
+    finally:
+        await conn.close()
