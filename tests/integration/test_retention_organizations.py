@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pipeline.cli import cli
 from pipeline.processing.layout import object_key, object_uri, parse_object_uri
 from pipeline.settings import Settings
+from sinks.janitor import expire_organization
 from sinks.migrate import migrate
 from sinks.objects import s3_client
 from sinks.partitions import ensure_day_partitions
@@ -289,3 +290,66 @@ async def test_a_failed_object_delete_keeps_its_ledger_row_and_is_retried(
         await _check_state(conn, settings, EXPECTED_DAYS)
     finally:
         await conn.close()
+
+
+class _IngestDuringDelete:
+    """The real object store, except that while the expiry deletes its last page (the 8-day-old
+    object: pages go oldest first) a worker's batch commits a new object and index rows for the
+    same organization and an expired day the walk has already passed (29 days old)."""
+
+    def __init__(self, s3: Any, conn: asyncpg.Connection, settings: Settings) -> None:
+        self.s3, self.conn, self.settings = s3, conn, settings
+        self.committed: list[str] = []
+
+    async def delete_objects(self, **kwargs: Any) -> Any:
+        last_page = (
+            f"date={(TODAY - timedelta(days=8)).isoformat()}/" in kwargs["Delete"]["Objects"][0]["Key"]
+        )
+        if last_page and not self.committed:
+            at = _at(29)
+            key = object_key(FREE, at.date(), None, "late")
+            uri = object_uri(self.settings.s3_bucket, key)
+            await self.s3.put_object(Bucket=self.settings.s3_bucket, Key=key, Body=b"late")
+            async with self.conn.transaction():  # the batch transaction: ledger row + index row
+                await self.conn.execute(
+                    "INSERT INTO ingest_objects (object_uri, organization_id, log_date, event_count,"
+                    " byte_size) VALUES ($1, $2::uuid, $3, 1, 4)",
+                    uri, FREE, at.date(),
+                )  # fmt: skip
+                await self.conn.execute(
+                    "INSERT INTO log_index (id, organization_id, started_at, storage_provider,"
+                    " object_uri, byte_offset, byte_length)"
+                    " VALUES (gen_random_uuid(), $1::uuid, $2, 's3', $3, 0, 4)",
+                    FREE, at, uri,
+                )  # fmt: skip
+            self.committed.append(uri)
+        return await self.s3.delete_objects(**kwargs)
+
+
+async def test_a_batch_committed_while_expiring_keeps_its_object_until_the_next_run(world: Settings) -> None:
+    settings = world
+    url = settings.database_url.get_secret_value()
+    expirer, worker = await asyncpg.connect(url), await asyncpg.connect(url)
+    try:
+        async with s3_client(settings) as s3:
+            store = _IngestDuringDelete(s3, worker, settings)
+            first_kept = TODAY - timedelta(days=7)
+            result = await expire_organization(expirer, store, FREE, first_kept, page=1, idle_ratio=0)  # type: ignore[arg-type]
+            (late,) = store.committed
+            assert result.failed_objects == 0 and result.objects == len([a for a in AGES if a > 7])
+            # The late batch's rows and object survive this run, and its pointer resolves.
+            assert await expirer.fetchval("SELECT count(*) FROM log_index WHERE object_uri = $1", late) == 1
+            assert await _object_exists(s3, late)
+            dangling = await expirer.fetchval(
+                "SELECT count(*) FROM log_index i WHERE i.organization_id = $1::uuid AND NOT EXISTS"
+                " (SELECT 1 FROM ingest_objects o WHERE o.object_uri = i.object_uri)",
+                FREE,
+            )
+            assert dangling == 0
+            # The next run expires it with the rest.
+            again = await expire_organization(expirer, s3, FREE, first_kept, idle_ratio=0)
+            assert (again.objects, again.index_rows) == (1, 1)
+            assert not await _object_exists(s3, late)
+    finally:
+        await expirer.close()
+        await worker.close()
