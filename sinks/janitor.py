@@ -267,7 +267,7 @@ async def expire_organization(
     usage_cutoff = max(first_kept_day, usage_first_kept_day or first_kept_day)
     for table, org_column, time_column in USAGE_TABLES:
         result.usage_rows += await _delete_usage(
-            conn, table, org_column, time_column, organization_id, usage_cutoff, dry_run
+            conn, table, org_column, time_column, organization_id, usage_cutoff, dry_run, idle_ratio
         )
     if result.errors:
         log.warning(
@@ -285,6 +285,7 @@ async def _delete_usage(
     organization_id: str,
     first_kept_day: date,
     dry_run: bool,
+    idle_ratio: float,
 ) -> int:
     where = f"{org_column} = $1::uuid AND {time_column} < $2"
     if dry_run:
@@ -300,8 +301,10 @@ async def _delete_usage(
         f"(SELECT tableoid, ctid FROM {table} WHERE {where} LIMIT {_USAGE_BATCH_ROWS})"
     )
     while True:
+        began = time.monotonic()
         status = await conn.execute(statement, organization_id, _midnight(first_kept_day))
         deleted = int(status.rsplit(" ", 1)[1])
         total += deleted
         if deleted < _USAGE_BATCH_ROWS:
             return total
+        await asyncio.sleep((time.monotonic() - began) * idle_ratio)  # the same duty cycle as pages

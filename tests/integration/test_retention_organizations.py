@@ -353,3 +353,26 @@ async def test_a_batch_committed_while_expiring_keeps_its_object_until_the_next_
     finally:
         await expirer.close()
         await worker.close()
+
+
+async def test_raw_usage_rows_are_deleted_in_batches_across_day_partitions(world: Settings) -> None:
+    conn = await asyncpg.connect(world.database_url.get_secret_value())
+    try:
+        # 12,000 rows over two expired days: three 5,000-row batches, spanning two partitions.
+        for age in (29, 30):
+            await conn.execute(
+                "INSERT INTO usage_events (time, org_id, request_id)"
+                " SELECT $1, $2::uuid, gen_random_uuid() FROM generate_series(1, 6000)",
+                _at(age), PRO,
+            )  # fmt: skip
+        result = await expire_organization(conn, _NoObjects(), PRO, TODAY - timedelta(days=7), idle_ratio=0)  # type: ignore[arg-type]
+        before = len([a for a in AGES if a > 7])
+        assert result.usage_rows == 12_000 + 2 * before  # plus usage_events and mcp_usage seeded per day
+        assert await _ages(conn, "SELECT time FROM usage_events WHERE org_id = $1::uuid", PRO) == _kept(7)
+    finally:
+        await conn.close()
+
+
+class _NoObjects:
+    async def delete_objects(self, **kwargs: Any) -> Any:
+        return {}
