@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -102,20 +102,7 @@ async def expire_before_horizon(
         if not rows:
             break
         after = rows[-1]["object_uri"]
-        size = {r["object_uri"]: r["byte_size"] for r in rows}
-        by_bucket: dict[str, list[str]] = {}
-        for uri in size:
-            bucket, key = parse_object_uri(uri)
-            by_bucket.setdefault(bucket, []).append(key)
-        gone: list[str] = []
-        for bucket, keys in by_bucket.items():
-            deleted, errors = await _delete_page(s3, bucket, keys)
-            gone.extend(object_uri(bucket, k) for k in keys if k in deleted)
-            result.errors.extend(errors)
-        await conn.execute("DELETE FROM ingest_objects WHERE object_uri = ANY($1::text[])", gone)
-        result.objects += len(gone)
-        result.bytes += sum(size[u] for u in gone)
-        result.failed_objects += len(rows) - len(gone)
+        await _delete_recorded_objects(conn, s3, rows, result)
     log.info("expired objects deleted", extra={"before": before.isoformat(), "objects": result.objects})
     return result
 
@@ -206,6 +193,27 @@ async def _delete_page(s3: S3Client, bucket: str, keys: Sequence[str]) -> tuple[
     return {k for k in keys if k not in failed}, errors
 
 
+async def _delete_recorded_objects(
+    conn: Connection, s3: S3Client, rows: Sequence[Any], result: Expiry
+) -> None:
+    """Delete the objects of these ledger rows, then the ledger rows of those actually deleted: a
+    failed delete keeps its row, so the next run tries again and no orphan goes unrecorded."""
+    size = {r["object_uri"]: r["byte_size"] for r in rows}
+    by_bucket: dict[str, list[str]] = {}
+    for uri in size:
+        bucket, key = parse_object_uri(uri)
+        by_bucket.setdefault(bucket, []).append(key)
+    gone: list[str] = []
+    for bucket, keys in by_bucket.items():
+        deleted, errors = await _delete_page(s3, bucket, keys)
+        gone.extend(object_uri(bucket, k) for k in keys if k in deleted)
+        result.errors.extend(errors)
+    await conn.execute("DELETE FROM ingest_objects WHERE object_uri = ANY($1::text[])", gone)
+    result.objects += len(gone)
+    result.bytes += sum(size[u] for u in gone)
+    result.failed_objects += len(size) - len(gone)
+
+
 async def expire_organization(
     conn: Connection,
     s3: S3Client,
@@ -246,20 +254,7 @@ async def expire_organization(
         page_began = time.monotonic()
         status = await conn.execute(_DELETE_INDEX_ROWS, organization_id, low, high, uris)
         result.index_rows += int(status.rsplit(" ", 1)[1])
-        size = {r["object_uri"]: r["byte_size"] for r in rows}
-        by_bucket: dict[str, list[str]] = {}
-        for uri in uris:
-            bucket, key = parse_object_uri(uri)
-            by_bucket.setdefault(bucket, []).append(key)
-        gone: list[str] = []
-        for bucket, keys in by_bucket.items():
-            deleted, errors = await _delete_page(s3, bucket, keys)
-            gone.extend(object_uri(bucket, k) for k in keys if k in deleted)
-            result.errors.extend(errors)
-        await conn.execute("DELETE FROM ingest_objects WHERE object_uri = ANY($1::text[])", gone)
-        result.objects += len(gone)
-        result.bytes += sum(size[u] for u in gone)
-        result.failed_objects += len(uris) - len(gone)
+        await _delete_recorded_objects(conn, s3, rows, result)
         if idle_ratio > 0:
             # Leave the database to the workers most of the time: the cost to ingest is bounded
             # by the busy share, whatever the number of rows to expire.

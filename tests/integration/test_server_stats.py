@@ -15,9 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import signal
 import sys
-import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -34,15 +32,14 @@ from pipeline.settings import Settings
 from sinks import merger
 from sinks.aggregate_parts import DEFAULT_SERVER_WINDOW_S, AggregateDeltasWriter
 from sinks.migrate import migrate
-from tests.integration.ingest_support import create_topic, start_worker, wait_caught_up
+from tests.integration.ingest_support import create_topic
 from tests.integration.test_aggregates import (
     _USAGE_FIELDS,
     NIL,
     ORGS,
     SERVERS,
     _usage_status,
-    _wait_clean,
-    _wait_for_log,
+    crash_workers_then_finish_clean,
     make_events,
     send,
 )
@@ -263,38 +260,9 @@ async def test_server_stats_and_usage_monthly_exact_after_crashes_duplicates_lat
         resent, end_offsets = await send(settings, events, resend_fraction=0.08, seed=53)
         assert resent > 60
 
-        failpoints = "after_upload:0.1,after_postgres_commit:0.15,merge_before_commit:0.1"
-        env = {"OMNILOG_FAILPOINTS": failpoints, "OMNILOG_MERGE_INTERVAL_S": "0.5"}
-        workers = [start_worker(settings, tmp_path / f"w{i}.log", **env) for i in range(2)]
-        crashes = 0
-        deadline = time.monotonic() + 60
-        try:
-            while time.monotonic() < deadline:
-                await asyncio.sleep(0.5)
-                for i, proc in enumerate(workers):
-                    if proc.poll() is not None:
-                        crashes += proc.returncode == -signal.SIGKILL
-                        workers[i] = start_worker(settings, tmp_path / f"w{i}.log", **env)
-                try:
-                    await wait_caught_up(fresh_database_url, settings, end_offsets, timeout=0.1)
-                    break
-                except AssertionError:
-                    continue
-        finally:
-            for proc in workers:
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait(timeout=10)
-        assert crashes >= 2, f"only {crashes} crashes: the test proved little"
-
-        proc = start_worker(settings, tmp_path / "clean.log", OMNILOG_MERGE_INTERVAL_S="0.5")
-        try:
-            await _wait_for_log(tmp_path / "clean.log", "partitions assigned", timeout=60)
-            await wait_caught_up(fresh_database_url, settings, end_offsets, timeout=90)
-            await _wait_clean(fresh_database_url, timeout=30)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=40) == 0
+        await crash_workers_then_finish_clean(
+            settings, fresh_database_url, end_offsets, tmp_path, min_crashes=2
+        )
 
         named = [e for e in events if e.get("server_id")]
         assert await verify_server_stats(conn, events, {REGISTERED}) > 50
