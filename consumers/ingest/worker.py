@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import io
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -48,6 +49,8 @@ from sinks.index import BatchExtension, Horizon, PostgresIndexStore, init_offset
 from sinks.objects import ObjectWriter, s3_client
 
 log = logging.getLogger("omnilog.worker")
+# How long a stop waits for the poll loop's current await before cancelling it.
+POLL_STOP_TIMEOUT_S = 5.0
 
 T = TypeVar("T")
 EnsurePartitions = Callable[[Connection, set[date]], Awaitable[None]]
@@ -143,7 +146,7 @@ class IngestWorker:
             for task in jobs:
                 task.add_done_callback(self._background_ended)
             try:
-                await self._poll_loop()
+                await self._poll_until_stopped()
             finally:
                 await self._shutdown()
                 for task in jobs:
@@ -246,6 +249,27 @@ class IngestWorker:
         await self._reap_flush()
 
     # ---- the poll loop -----------------------------------------------------------------------
+
+    async def _poll_until_stopped(self) -> None:
+        """The poll loop, ended by `request_stop`. A stop must end it even when one of its awaits
+        never returns (seen once in CI: a worker silent after a rebalance ignored SIGTERM): after
+        POLL_STOP_TIMEOUT_S it is cancelled, its stack logged, and the shutdown goes on."""
+        poll = asyncio.create_task(self._poll_loop(), name="omnilog-poll")
+        stopped = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait({poll, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not poll.done():
+                await asyncio.wait({poll}, timeout=POLL_STOP_TIMEOUT_S)
+            if not poll.done():
+                stack = io.StringIO()
+                poll.print_stack(file=stack)
+                log.error("poll loop did not stop; cancelling it", extra={"stack": stack.getvalue()})
+                poll.cancel()
+                await asyncio.wait({poll}, timeout=POLL_STOP_TIMEOUT_S)
+                return
+            poll.result()  # a poll loop that ended by itself raised: let it stop the worker
+        finally:
+            stopped.cancel()
 
     async def _poll_loop(self) -> None:
         consumer = self._consumer

@@ -169,9 +169,19 @@ async def test_workers_joining_and_leaving_keep_exactly_once(
         for proc in workers:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc in workers:
-            proc.wait(timeout=40)
+        # A SIGTERM'd worker ends within its grace period plus client timeouts (its watchdog
+        # ends it at 35 s, exit 3). Never leave one running past the test if it does not.
+        try:
+            for proc in workers:
+                proc.wait(timeout=40)
+        finally:
+            for proc in workers:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
     assert workers[0].returncode == 0
+    # Every stopped worker drained: none was ended by its watchdog (exit 3).
+    assert [p.returncode for p in workers if p is not workers[1]] == [0, 0, 0]
     await verify_exactly_once(fresh_database_url, settings, traffic)
 
 
