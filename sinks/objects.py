@@ -55,7 +55,12 @@ class ObjectWriter:
     def bucket(self) -> str:
         return self._bucket
 
-    async def put(self, key: str, body: bytes) -> None:
+    def bucket_for(self, organization_id: str) -> str:
+        return self._bucket
+
+    async def put(self, key: str, body: bytes, *, bucket: str | None = None) -> None:
+        if bucket is not None and bucket != self._bucket:
+            raise ValueError(f"this writer stores into {self._bucket!r} only, not {bucket!r}")
         async with self._slots:
             if len(body) >= self._multipart_threshold:
                 await self._put_multipart(key, body)

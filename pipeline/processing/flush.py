@@ -39,7 +39,7 @@ from pipeline.metrics import WorkerMetrics
 from pipeline.processing.batch import Batch, Message
 from pipeline.processing.dead_letters import DeadLetter, DeadLetterLimit
 from pipeline.processing.isolate import find_culprits
-from pipeline.processing.layout import encode_lines, object_key, object_uri
+from pipeline.processing.layout import encode_lines, object_key, object_uri, parse_object_uri
 from pipeline.processing.offsets import Fenced, HorizonMoved
 from pipeline.processing.retry import ErrorKind, PermanentError, RetryPolicy, classify
 from pipeline.processing.store import (
@@ -100,11 +100,16 @@ class PendingObject:
     def stale(self, now: float) -> bool:
         return self.uploaded_at is not None and now - self.uploaded_at > REUPLOAD_AFTER_S
 
-    def rekey(self, bucket: str, topic: str) -> None:
-        """Point this object (and its events' pointers) at a fresh key, not yet uploaded."""
+    @property
+    def bucket(self) -> str:
+        return parse_object_uri(self.uri)[0]
+
+    def rekey(self, topic: str) -> None:
+        """Point this object (and its events' pointers) at a fresh key in the same bucket, not yet
+        uploaded."""
         org, day, server = self.group
         self.key = object_key(org, day, server, topic)
-        self.uri = object_uri(bucket, self.key)
+        self.uri = object_uri(self.bucket, self.key)
         self.indexed = [IndexedEvent(i.event, self.uri, i.byte_offset, i.byte_length) for i in self.indexed]
         self.record = replace(self.record, object_uri=self.uri)
         self.uploaded_at = None
@@ -270,12 +275,11 @@ def _encode(ctx: FlushContext, events: list[ValidEvent]) -> list[PendingObject]:
     groups: dict[GroupKey, list[ValidEvent]] = defaultdict(list)
     for event in events:
         groups[(event.organization_id, event.started_at.date(), event.server_id)].append(event)
-    bucket = ctx.objects.bucket
     pending = []
     for (org, day, server), members in groups.items():
         encoded = encode_lines([e.line for e in members], ctx.member_bytes, ctx.gzip_level)
         key = object_key(org, day, server, ctx.topic)
-        uri = object_uri(bucket, key)
+        uri = object_uri(ctx.objects.bucket_for(org), key)
         indexed = [
             IndexedEvent(event, uri, offset, length)
             for event, (offset, length) in zip(members, encoded.pointers, strict=True)
@@ -288,7 +292,7 @@ def _encode(ctx: FlushContext, events: list[ValidEvent]) -> list[PendingObject]:
 async def _upload(ctx: FlushContext, pending: list[PendingObject]) -> None:
     async def upload_missing() -> None:
         async def one(p: PendingObject) -> None:
-            await ctx.objects.put(p.key, p.body)
+            await ctx.objects.put(p.key, p.body, bucket=p.bucket)
             p.uploaded_at = ctx.monotonic()
             failpoints.hit("during_upload")
 
@@ -310,7 +314,7 @@ async def _renew_stale(ctx: FlushContext, pending: list[PendingObject]) -> None:
     if stale:
         ctx.metrics.orphaned_uploads.inc(len(stale))
         for p in stale:
-            p.rekey(ctx.objects.bucket, ctx.topic)
+            p.rekey(ctx.topic)
         await _upload(ctx, pending)
 
 

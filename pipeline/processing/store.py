@@ -75,10 +75,18 @@ class IndexStore(Protocol):
 
 class ObjectStore(Protocol):
     @property
-    def bucket(self) -> str: ...
+    def bucket(self) -> str:
+        """The deployment's own bucket (dead letters' large values always go there)."""
+        ...
 
-    async def put(self, key: str, body: bytes) -> None:
-        """Store one object; a retry with the same key and body is harmless."""
+    def bucket_for(self, organization_id: str) -> str:
+        """The bucket that holds this organization's event objects: the deployment's own, or the
+        organization's own bucket where it has one."""
+        ...
+
+    async def put(self, key: str, body: bytes, *, bucket: str | None = None) -> None:
+        """Store one object in `bucket` (default: the deployment's own). A retry with the same key
+        and body is harmless."""
         ...
 
 

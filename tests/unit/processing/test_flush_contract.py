@@ -113,7 +113,11 @@ class FakeObjects:
     stored: dict[str, bytes] = field(default_factory=dict)
     failures: list[Exception] = field(default_factory=list)
 
-    async def put(self, key: str, body: bytes) -> None:
+    def bucket_for(self, organization_id: str) -> str:
+        return self.bucket
+
+    async def put(self, key: str, body: bytes, *, bucket: str | None = None) -> None:
+        assert bucket in (None, self.bucket)
         if self.failures:
             raise self.failures.pop(0)
         self.stored[key] = body
