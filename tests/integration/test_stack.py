@@ -103,6 +103,10 @@ async def test_cli_up_up_status_down_down_and_restart_on_the_same_data(root: Pat
         await conn.execute("create table kept (v int); insert into kept values (42)")
         assert await conn.fetchval("show max_connections") == "200"
         assert await conn.fetchval("show listen_addresses") == "127.0.0.1"
+        # Statement statistics are preloaded, so the extension can be created and read.
+        await conn.execute("create extension if not exists pg_stat_statements")
+        assert await conn.fetchval("select count(*) from pg_stat_statements") > 0
+        assert await conn.fetchval("show track_io_timing") == "on"
         await conn.close()
         host, port = env["OMNILOG_KAFKA_BOOTSTRAP_SERVERS"].split(":")
         assert await kafka_brokers(env["OMNILOG_KAFKA_BOOTSTRAP_SERVERS"]) == [(host, int(port))]

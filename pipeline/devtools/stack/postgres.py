@@ -162,6 +162,14 @@ class Postgres(Service):
             "unix_socket_directories": socket_dir,
             "max_connections": str(MAX_CONNECTIONS),
             "logging_collector": "off",
+            # Per-statement counters for finding where ingest spends its database time
+            # (`create extension pg_stat_statements` in a database to read them). Loading the
+            # module costs ~1 MB of shared memory and a hash update per statement.
+            "shared_preload_libraries": "pg_stat_statements",
+            "pg_stat_statements.track": "top",
+            # Time spent waiting on reads/writes in pg_stat_statements and EXPLAIN (BUFFERS);
+            # cheap on Linux's clock source (pg_test_timing: tens of ns per call).
+            "track_io_timing": "on",
         }
         argv = [str(self.bindir / "postgres"), "-D", str(self.datadir), "-p", str(ports["port"])]
         for key, value in settings.items():
