@@ -137,6 +137,10 @@ class Settings(BaseSettings):
         5 * 365, validation_alias=_env("OMNILOG_USAGE_DAILY_RETENTION_DAYS"), ge=1, le=3650
     )
 
+    # Where `omnilog maintain` pushes its run's metrics (a Prometheus Pushgateway, e.g.
+    # http://omnilog-pushgateway:9091): a CronJob's process is gone before any scrape. Empty: no push.
+    maintain_pushgateway_url: str = Field("", validation_alias=_env("OMNILOG_MAINTAIN_PUSHGATEWAY_URL"))
+
     log_level: str = Field("INFO", validation_alias=_env("OMNILOG_LOG_LEVEL"))
 
     # The read API (`omnilog serve`, docs/security.md). It connects as its own role (member of
