@@ -1,7 +1,13 @@
-"""SeaweedFS `weed mini` with its S3 API on loopback, one static identity, and the bucket."""
+"""SeaweedFS `weed mini` with its S3 API on loopback, the deployment's static identity, and the bucket.
+
+A second identity stands for a customer's own credentials (docs/storage.md): it may use only
+buckets named `customer-*`, so a test proves that a customer bucket is reached through the
+customer's profile and not through the deployment's keys' permissions."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -39,6 +45,16 @@ _MAX_VOLUMES = 2000
 class S3Credentials:
     access_key_id: str
     secret_access_key: str
+
+
+CUSTOMER_BUCKET_PREFIX = "customer-"
+
+
+def customer_credentials(deployment: S3Credentials) -> S3Credentials:
+    """The customer identity's keys: derived from the stack's secret, so they are no constant in
+    the code base and need no state of their own."""
+    secret = hmac.new(deployment.secret_access_key.encode(), b"customer", hashlib.sha256).hexdigest()[:40]
+    return S3Credentials("omnilog-customer", secret)
 
 
 def endpoint_url(port: int) -> str:
@@ -155,6 +171,7 @@ class SeaweedS3(Service):
     def prepare(self) -> None:
         weed_binary()
         self.datadir.mkdir(parents=True, exist_ok=True)
+        customer = customer_credentials(self.credentials)
         config = {
             "identities": [
                 {
@@ -166,7 +183,18 @@ class SeaweedS3(Service):
                         }
                     ],
                     "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                }
+                },
+                {
+                    "name": "customer",
+                    "credentials": [
+                        {"accessKey": customer.access_key_id, "secretKey": customer.secret_access_key}
+                    ],
+                    # A trailing * matches a bucket-name prefix (SeaweedFS canDo).
+                    "actions": [
+                        f"{action}:{CUSTOMER_BUCKET_PREFIX}*"
+                        for action in ("Read", "Write", "List", "Tagging")
+                    ],
+                },
             ]
         }
         # The file holds the secret: create it private from the start.
