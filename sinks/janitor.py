@@ -9,6 +9,10 @@ Retention (LiteLLM #29342 is the failure to avoid): index rows go first (partiti
 in between leaves ledger rows whose objects are deleted on the next run; it never leaves an index
 row pointing at a deleted object. Only dates before the retention horizon are expired
 (sinks/retention.py): no batch can commit a ledger row or an index row for them any more.
+
+Customer-owned buckets (docs/storage.md): their index and ledger rows expire like any other, but
+their objects are never deleted here (the customer's lifecycle rules govern them) and they are
+never swept for orphans (the sweep lists the deployment's bucket only).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -171,6 +175,9 @@ class Expiry:
     objects: int = 0
     bytes: int = 0
     failed_objects: int = 0
+    # Objects in customer-owned buckets whose index and ledger rows expired: left to the
+    # customer's lifecycle rules, not deleted (docs/storage.md).
+    released_objects: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -203,15 +210,31 @@ async def _delete_recorded_objects(
     for uri in size:
         bucket, key = parse_object_uri(uri)
         by_bucket.setdefault(bucket, []).append(key)
+    customers = await _customer_buckets(conn, by_bucket)
     gone: list[str] = []
+    released: list[str] = []
     for bucket, keys in by_bucket.items():
+        if bucket in customers:
+            released.extend(object_uri(bucket, k) for k in keys)
+            continue
         deleted, errors = await _delete_page(s3, bucket, keys)
         gone.extend(object_uri(bucket, k) for k in keys if k in deleted)
         result.errors.extend(errors)
-    await conn.execute("DELETE FROM ingest_objects WHERE object_uri = ANY($1::text[])", gone)
+    await conn.execute("DELETE FROM ingest_objects WHERE object_uri = ANY($1::text[])", gone + released)
     result.objects += len(gone)
     result.bytes += sum(size[u] for u in gone)
-    result.failed_objects += len(size) - len(gone)
+    result.released_objects += len(released)
+    result.failed_objects += len(size) - len(gone) - len(released)
+
+
+async def _customer_buckets(conn: Connection, buckets: Iterable[str]) -> set[str]:
+    """Which of these buckets belong to an organization (migration 0011, docs/storage.md): their
+    objects are the customer's, deleted by the customer's own lifecycle rules, never by us. Any
+    row counts, retired ones too (old pointers still name those buckets)."""
+    rows = await conn.fetch(
+        "SELECT DISTINCT bucket FROM organization_buckets WHERE bucket = ANY($1::text[])", list(buckets)
+    )
+    return {r["bucket"] for r in rows}
 
 
 async def expire_organization(
