@@ -19,6 +19,7 @@ import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.processing.layout import parse_object_uri
+from sinks.buckets import UnknownBucket
 from sinks.db import Connection
 from sinks.objects import ObjectWriter
 
@@ -155,8 +156,10 @@ class BodyError:
 
 
 # What reading one object can fail with: S3 (botocore wraps most transport errors, aiohttp's
-# can surface from the body stream), a pointer that names no object, a member that is not gzip.
+# can surface from the body stream), a pointer that names no object or a bucket no route reaches
+# (a customer bucket's row removed by hand), a member that is not gzip.
 _READ_ERRORS = (
+    UnknownBucket,
     BotoCoreError,
     ClientError,
     aiohttp.ClientError,

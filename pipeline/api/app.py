@@ -36,8 +36,9 @@ from pipeline.api.tenancy import check_role, create_pool, tenant_transaction, te
 from pipeline.settings import Settings
 from sinks.aggregates import AggregatesQuery, query_log_aggregates, query_usage
 from sinks.api_keys import AuthenticatedKey, authenticate, record_use
+from sinks.buckets import RoutedObjects, load_routes
 from sinks.db import Connection
-from sinks.objects import ObjectWriter, s3_client
+from sinks.objects import s3_client
 from sinks.readpath import (
     BodyError,
     NotFound,
@@ -64,7 +65,7 @@ _TEXT = r"^[^\x00-\x1f\x7f]*$"
 class ApiState:
     settings: Settings
     pool: "asyncpg.Pool[Any]"
-    objects: ObjectWriter
+    objects: RoutedObjects
     limiter: RateLimiter
     touched: dict[str, float] = field(default_factory=dict)
 
@@ -279,6 +280,10 @@ def _routes(app: FastAPI, settings: Settings) -> None:
                 pointer = await find_pointer(conn, canonical)
             except NotFound:
                 raise ApiProblem(404, "not-found", "no such event") from None
+            if not pointer["object_uri"].startswith(f"s3://{state.objects.bucket}/"):
+                # A customer-owned bucket (docs/storage.md): how to reach it, as of now. Row
+                # security shows the key's own organization's rows only.
+                state.objects.learn(await load_routes(conn))
         pointer["id"] = canonical
         # The connection is back in the pool before object storage is read.
         found = (await fetch_bodies(state.objects, [pointer], concurrency=1))[canonical]
@@ -425,10 +430,12 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             async with pool.acquire() as conn:
                 role = await check_role(conn)
             s3 = await stack.enter_async_context(s3_client(settings))
+            objects = RoutedObjects(s3, settings.s3_bucket, settings.multipart_threshold_bytes)
+            stack.push_async_callback(objects.aclose)  # the customer buckets' clients
             app.state.api = ApiState(
                 settings=settings,
                 pool=pool,
-                objects=ObjectWriter(s3, settings.s3_bucket, settings.multipart_threshold_bytes),
+                objects=objects,
                 limiter=RateLimiter(settings.api_rate_per_s, settings.api_rate_burst),
             )
             log.info("API ready as database role %s", role)
