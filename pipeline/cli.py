@@ -38,6 +38,7 @@ _COMMANDS: dict[str, str] = {
     "serve": "pipeline.commands.serve:command",
     "keys": "pipeline.commands.keys:command",
     "lifecycle": "pipeline.commands.lifecycle:command",
+    "buckets": "pipeline.commands.buckets:command",
 }
 
 
