@@ -5,14 +5,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from pipeline.settings import Settings
+from sinks.buckets import BucketRoute, RoutedObjects, check_route, keep_refreshed
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
 
 log = logging.getLogger("omnilog.worker")
 CLIENT_STOP_TIMEOUT_S = 5.0
+# How often the worker re-reads organization_buckets: `omnilog buckets set` reaches new batches
+# within this time.
+BUCKET_ROUTES_REFRESH_S = 30.0
+CHECK_TIMEOUT_S = 15.0  # a start-up check of one customer bucket
 
 
 async def create_pool(settings: Settings) -> asyncpg.Pool:
@@ -66,3 +76,38 @@ async def close_pool(pool: asyncpg.Pool) -> None:
     except TimeoutError:
         log.warning("postgres pool did not close in time; terminating its connections")
         pool.terminate()
+
+
+def routed_objects(settings: Settings, s3: S3Client, stack: AsyncExitStack) -> RoutedObjects:
+    """The object store of the flush: the deployment's bucket plus the organizations' own
+    (docs/storage.md), their clients closed with `stack`. Knows no route before
+    `load_bucket_routes`."""
+    objects = RoutedObjects(s3, settings.s3_bucket, settings.multipart_threshold_bytes)
+    stack.push_async_callback(objects.aclose)
+    return objects
+
+
+async def load_bucket_routes(objects: RoutedObjects, pool: asyncpg.Pool, stack: AsyncExitStack) -> None:
+    """Read the routes (before the first batch, so no organization's objects go to the wrong
+    bucket; raises while PostgreSQL is unavailable: the caller retries), check each customer
+    bucket once and refresh the routes in the background from then on.
+
+    A broken customer bucket is logged, never fatal: its organization's uploads wait for it
+    (docs/storage.md), everyone else's go on."""
+    async with pool.acquire() as conn:
+        await objects.refresh(conn)
+
+    async def check(route: BucketRoute) -> None:
+        try:
+            await asyncio.wait_for(check_route(route), CHECK_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - one tenant's bucket never stops the worker
+            log.warning("customer bucket not usable: %s: %s (%s)", type(exc).__name__, exc, route.describe())
+
+    await asyncio.gather(*(check(r) for r in objects.routes() if not r.retired))
+    refresher = asyncio.create_task(keep_refreshed(objects, pool.acquire, BUCKET_ROUTES_REFRESH_S))
+
+    async def stop_refreshing() -> None:
+        refresher.cancel()
+        await asyncio.gather(refresher, return_exceptions=True)
+
+    stack.push_async_callback(stop_refreshing)
