@@ -18,6 +18,11 @@ after 90; S3 refuses a transition to STANDARD_IA before 30 days, so the seed's "
 7 days" is not expressible and pro objects (30 days) stay in STANDARD; a transition is kept only
 when the object would stay in the new class at least 30 days before it expires (the classes'
 minimum billed duration).
+
+Customer-owned buckets (docs/storage.md) get no rule from us: the customer's own lifecycle rules
+govern them. The organization's rule on the deployment's bucket stays: it expires the objects
+written there before the organization had a bucket of its own. `customer_bucket_notes` says so
+next to the plan.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 import botocore.session
 from botocore.validate import ParamValidator
 
+from sinks.buckets import BucketRoute
 from sinks.retention import OrganizationRetention
 
 EXPIRY_MARGIN_DAYS = 2
@@ -115,3 +121,14 @@ def validate(configuration: dict[str, Any]) -> None:
     report = ParamValidator().validate({"Bucket": "omnilog", "LifecycleConfiguration": configuration}, shape)
     if report.has_errors():
         raise LifecycleError(f"invalid lifecycle configuration: {report.generate_report()}")
+
+
+def customer_bucket_notes(routes: Sequence[BucketRoute]) -> list[str]:
+    """One line per current customer bucket, to print beside the plan: its organization's new
+    objects are not in the bucket these rules govern."""
+    return [
+        f"{r.describe()}: not governed by these rules (the customer's own lifecycle rules apply); "
+        f"the rule for org/{r.organization_id}/ covers its objects written here before"
+        for r in routes
+        if not r.retired
+    ]
