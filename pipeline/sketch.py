@@ -28,6 +28,7 @@ import math
 import struct
 import zlib
 from collections.abc import Iterable, Sequence
+from itertools import pairwise
 from typing import Final
 
 import numpy as np
@@ -42,6 +43,7 @@ __all__ = [
     "LogMapping",
     "QuantileSketch",
     "SketchDecodeError",
+    "grouped_sketches",
     "merge_all",
 ]
 
@@ -272,6 +274,30 @@ class QuantileSketch:
         clone._max = self._max
         return clone
 
+    @classmethod
+    def _of_state(
+        cls,
+        mapping: LogMapping,
+        offset: int,
+        counts: IntArray,
+        zero: int,
+        count: int,
+        total: float,
+        lo: float,
+        hi: float,
+    ) -> QuantileSketch:
+        """A sketch of a state known to be valid (decoded or built by `grouped_sketches`)."""
+        sketch = cls.__new__(cls)
+        sketch._map = mapping
+        sketch._offset = offset
+        sketch._counts = counts
+        sketch._zero = zero
+        sketch._count = count
+        sketch._sum = total
+        sketch._min = lo
+        sketch._max = hi
+        return sketch
+
     def _fold_in(self, offset: int, counts: IntArray) -> None:
         """Add a dense run of counts (both ends > 0) starting at key ``offset``."""
         mine = self._counts
@@ -330,23 +356,18 @@ class QuantileSketch:
 
     def to_bytes(self) -> bytes:
         """Versioned compact encoding (see docs/aggregates.md); canonical for equal sketches."""
-        counts = self._counts.astype(np.uint64)
-        layout, nbins, body = _LAYOUT_SPARSE, 0, _EMPTY_BYTES
-        if counts.size:
-            # Both layouts are sized first; only the smaller one is written (sparse on a tie).
-            count_lengths = _varint_lengths(counts)
+        counts = self._counts
+        if counts.size <= _SMALL_SPAN:
+            layout, nbins, body = _bucket_section_small(counts.tolist())
+        else:
+            # A wide span is mostly empty buckets in a small sketch: only the non-empty ones count.
             nonzero = np.flatnonzero(counts)
-            gaps = (np.diff(nonzero) - 1).astype(np.uint64)
-            gap_lengths = _varint_lengths(gaps)
-            sparse_size = int(gap_lengths.sum()) + int(count_lengths[nonzero].sum())
-            if int(count_lengths.sum()) < sparse_size:
-                layout, nbins, body = _LAYOUT_DENSE, counts.size, _varints(counts, count_lengths)
-            else:
-                nbins = nonzero.size
-                body = _varints(
-                    np.concatenate((gaps, counts[nonzero])),
-                    np.concatenate((gap_lengths, count_lengths[nonzero])),
+            if nonzero.size <= _SMALL_SPAN:
+                layout, nbins, body = _bucket_section_sparse(
+                    counts.size, nonzero.tolist(), counts[nonzero].tolist()
                 )
+            else:
+                layout, nbins, body = _bucket_section(counts.astype(np.uint64))
         head = _HEADER.pack(ENCODING_VERSION, layout, self.alpha, self._sum, self._min, self._max)
         # The first key is the store offset: the invariant keeps both ends of the store non-empty.
         scalars = _varint(self._zero) + _varint(nbins) + (_varint(_zigzag(self._offset)) if nbins else b"")
@@ -367,6 +388,71 @@ def merge_all(sketches: Iterable[QuantileSketch], alpha: float = DEFAULT_ALPHA) 
     return result
 
 
+def grouped_sketches(
+    values: npt.ArrayLike, starts: npt.ArrayLike, alpha: float = DEFAULT_ALPHA
+) -> list[QuantileSketch]:
+    """One sketch per run ``values[starts[g]:starts[g + 1]]`` (the last run ends at the end): each
+    equal to `QuantileSketch.from_values` of its run, all built in one vectorised pass.
+
+    A batch's deltas are thousands of sketches of one to a few values each: built one by one, the
+    numpy calls per sketch cost ~15 us; here the whole batch costs a few numpy calls and ~1 us a
+    sketch. `starts` must begin at 0 and strictly increase (no empty run); ValueError as `add_many`.
+    """
+    x = np.asarray(values, dtype=np.float64).ravel()
+    first = np.asarray(starts, dtype=np.int64).ravel()
+    groups = first.size
+    if groups == 0:
+        if x.size:
+            raise ValueError("values without a run")
+        return []
+    sizes = np.diff(np.append(first, x.size))
+    if first[0] != 0 or np.any(sizes <= 0):
+        raise ValueError("runs must start at 0 and be non-empty")
+    lows = np.minimum.reduceat(x, first)
+    highs = np.maximum.reduceat(x, first)
+    if not (float(lows.min()) >= 0.0 and math.isfinite(float(highs.max()))):  # NaN fails both
+        raise ValueError("sketch values must be finite and >= 0")
+    with np.errstate(over="ignore"):  # an overflow is the ValueError below, not a warning
+        totals = np.add.reduceat(x, first)
+    if not np.all(np.isfinite(totals)):
+        raise ValueError("sketch sum overflows float64")
+    mapping = _mapping(float(alpha))
+    positive = x > ZERO_THRESHOLD
+    zeros = sizes - np.add.reduceat(positive.astype(np.int64), first)
+    # Positive values sorted by (run, key): each run's keys are then one ascending stretch.
+    run_of = np.repeat(np.arange(groups, dtype=np.int64), sizes)[positive]
+    keys = mapping.keys(x[positive])
+    order = np.lexsort((keys, run_of))
+    run_of, keys = run_of[order], keys[order]
+    begin = np.searchsorted(run_of, np.arange(groups), side="left")
+    end = np.searchsorted(run_of, np.arange(groups), side="right")
+    filled = end > begin
+    kmax = np.where(filled, keys[np.maximum(end - 1, 0)] if keys.size else 0, 0)
+    # Fold keys below each run's kept span into its lowest kept key, as `add_many` does.
+    keys = np.maximum(keys, (kmax - (MAX_BINS - 1))[run_of])
+    kmin = np.where(filled, keys[np.minimum(begin, keys.size - 1)] if keys.size else 0, 0)
+    spans = np.where(filled, kmax - kmin + 1, 0)
+    bases = np.zeros(groups, dtype=np.int64)
+    np.cumsum(spans[:-1], out=bases[1:])
+    store = np.zeros(int(spans.sum()), dtype=np.int64)
+    np.add.at(store, bases[run_of] + keys - kmin[run_of], 1)
+    sketches: list[QuantileSketch] = []
+    for base, span, offset, zero, size, total, lo, hi in zip(
+        bases.tolist(),
+        spans.tolist(),
+        kmin.tolist(),
+        zeros.tolist(),
+        sizes.tolist(),
+        totals.tolist(),
+        lows.tolist(),
+        highs.tolist(),
+        strict=True,
+    ):
+        counts = store[base : base + span] if span else _EMPTY_KEYS
+        sketches.append(QuantileSketch._of_state(mapping, offset, counts, zero, size, total, lo, hi))
+    return sketches
+
+
 def _add_run(target: IntArray, target_offset: int, offset: int, run: IntArray) -> None:
     if run.size == 0:
         return
@@ -379,12 +465,70 @@ def _add_run(target: IntArray, target_offset: int, offset: int, run: IntArray) -
     target[start : start + run.size] += run
 
 
+# -- bucket section encoding ------------------------------------------------------------------
+
+# Stores spanning at most this many keys are encoded and decoded in pure Python: most sketches of a
+# batch's deltas hold one to a few values, where numpy's per-call overhead (~1 us a call, ~25 calls
+# an encoding) costs ten times the work. Both paths write the same bytes (tests/unit/test_sketch_paths.py).
+_SMALL_SPAN: Final = 64
+_SMALL_BODY: Final = 128  # bytes of bucket section decoded in pure Python
+
+
+def _bucket_section(counts: npt.NDArray[np.uint64]) -> tuple[int, int, bytes]:
+    """Layout, bucket count and bytes of the bucket section of a dense store (numpy path)."""
+    if counts.size == 0:
+        return _LAYOUT_SPARSE, 0, _EMPTY_BYTES
+    # Both layouts are sized first; only the smaller one is written (sparse on a tie).
+    count_lengths = _varint_lengths(counts)
+    nonzero = np.flatnonzero(counts)
+    gaps = (np.diff(nonzero) - 1).astype(np.uint64)
+    gap_lengths = _varint_lengths(gaps)
+    sparse_size = int(gap_lengths.sum()) + int(count_lengths[nonzero].sum())
+    if int(count_lengths.sum()) < sparse_size:
+        return _LAYOUT_DENSE, counts.size, _varints(counts, count_lengths)
+    body = _varints(
+        np.concatenate((gaps, counts[nonzero])),
+        np.concatenate((gap_lengths, count_lengths[nonzero])),
+    )
+    return _LAYOUT_SPARSE, nonzero.size, body
+
+
+def _varint_size(value: int) -> int:
+    return (value.bit_length() + 6) // 7 or 1
+
+
+def _bucket_section_small(counts: list[int]) -> tuple[int, int, bytes]:
+    """`_bucket_section` of a small store given as a list, in pure Python (same bytes)."""
+    if not counts:
+        return _LAYOUT_SPARSE, 0, _EMPTY_BYTES
+    if len(counts) == 1:  # the common case: one bucket; sparse wins the tie
+        return _LAYOUT_SPARSE, 1, _varint(counts[0])
+    nonzero = [i for i, c in enumerate(counts) if c]
+    return _bucket_section_sparse(len(counts), nonzero, [counts[i] for i in nonzero])
+
+
+def _bucket_section_sparse(span: int, nonzero: list[int], present: list[int]) -> tuple[int, int, bytes]:
+    """`_bucket_section` of a store of `span` keys given by its non-empty buckets (positions and
+    counts), in pure Python (same bytes): each empty bucket of the span costs one byte dense."""
+    gaps = [b - a - 1 for a, b in pairwise(nonzero)]
+    present_size = sum(map(_varint_size, present))
+    dense_size = span - len(present) + present_size
+    sparse_size = sum(map(_varint_size, gaps)) + present_size
+    if dense_size < sparse_size:
+        dense = [0] * span
+        for i, c in zip(nonzero, present, strict=True):
+            dense[i] = c
+        return _LAYOUT_DENSE, span, b"".join(map(_varint, dense))
+    return _LAYOUT_SPARSE, len(present), b"".join(map(_varint, gaps + present))
+
+
 # -- varints (unsigned LEB128), vectorised --------------------------------------------------
 
 _EMPTY_BYTES: Final = b""
 _SHIFTS: Final = np.arange(10, dtype=np.uint64) * np.uint64(7)
 _POWERS: Final = np.uint64(1) << _SHIFTS
 _MAX_VARINT_BYTES: Final = 9  # 63 bits: counts and gaps never need more
+_ONE_BYTE: Final = tuple(bytes((i,)) for i in range(0x80))
 
 
 def _zigzag(value: int) -> int:
@@ -396,6 +540,8 @@ def _unzigzag(value: int) -> int:
 
 
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _ONE_BYTE[value]
     out = bytearray()
     while value >= 0x80:
         out.append(value & 0x7F | 0x80)
@@ -469,6 +615,79 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
     raise SketchDecodeError("varint too long")
 
 
+def _bucket_store(body: bytes, layout: int, nbins: int) -> npt.NDArray[np.uint64]:
+    """The dense store a bucket section describes (numpy path), validated."""
+    if layout == _LAYOUT_SPARSE:
+        fields = _read_varints(body, 2 * nbins - 1 if nbins else 0)
+        gaps, bucket_counts = fields[: max(nbins - 1, 0)], fields[max(nbins - 1, 0) :]
+        if np.any(bucket_counts == 0):
+            raise SketchDecodeError("empty bucket in sparse layout")
+        if gaps.size and int(gaps.max()) >= MAX_BINS:
+            raise SketchDecodeError(f"bucket span exceeds {MAX_BINS} keys")
+        relative = np.concatenate(([0], np.cumsum(gaps.astype(np.int64) + 1))) if nbins else _EMPTY_KEYS
+        if relative.size and int(relative[-1]) >= MAX_BINS:
+            raise SketchDecodeError(f"bucket span exceeds {MAX_BINS} keys")
+        dense = np.zeros(int(relative[-1]) + 1 if nbins else 0, dtype=np.uint64)
+        dense[relative] = bucket_counts
+        return dense
+    dense = _read_varints(body, nbins)
+    if nbins and (dense[0] == 0 or dense[-1] == 0):
+        raise SketchDecodeError("dense layout must start and end with a non-empty bucket")
+    return dense
+
+
+def _read_varints_small(data: bytes, expected: int) -> list[int]:
+    """`_read_varints` in pure Python, for short sections: same checks, same errors."""
+    ends = sum(1 for byte in data if byte < 0x80)
+    if ends != expected or (data and data[-1] >= 0x80):
+        raise SketchDecodeError("bucket section length does not match its bucket count")
+    values: list[int] = []
+    value = shift = length = 0
+    too_long = non_canonical = False
+    for byte in data:
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        length += 1
+        if byte < 0x80:
+            too_long |= length > _MAX_VARINT_BYTES
+            non_canonical |= length > 1 and byte == 0
+            values.append(value)
+            value = shift = length = 0
+    if too_long:  # the numpy path's order of checks: length first, then canonical form
+        raise SketchDecodeError("varint too long")
+    if non_canonical:
+        raise SketchDecodeError("non-canonical varint")
+    return values
+
+
+def _bucket_store_small(body: bytes, layout: int, nbins: int) -> tuple[IntArray, int]:
+    """`_bucket_store` in pure Python, for short sections: same checks, same errors. Returns the
+    dense store and the sum of its counts."""
+    if layout == _LAYOUT_SPARSE:
+        fields = _read_varints_small(body, 2 * nbins - 1 if nbins else 0)
+        gaps, bucket_counts = fields[: max(nbins - 1, 0)], fields[max(nbins - 1, 0) :]
+        if 0 in bucket_counts:
+            raise SketchDecodeError("empty bucket in sparse layout")
+        if gaps and max(gaps) >= MAX_BINS:
+            raise SketchDecodeError(f"bucket span exceeds {MAX_BINS} keys")
+        if not nbins:
+            return _EMPTY_KEYS, 0
+        positions = [0]
+        for gap in gaps:
+            positions.append(positions[-1] + gap + 1)
+        if positions[-1] >= MAX_BINS:
+            raise SketchDecodeError(f"bucket span exceeds {MAX_BINS} keys")
+        if nbins == 1:
+            return np.array(bucket_counts, dtype=np.int64), bucket_counts[0]
+        store = np.zeros(positions[-1] + 1, dtype=np.int64)
+        store[positions] = bucket_counts
+        return store, sum(bucket_counts)
+    dense = _read_varints_small(body, nbins)
+    if nbins and (dense[0] == 0 or dense[-1] == 0):
+        raise SketchDecodeError("dense layout must start and end with a non-empty bucket")
+    return np.array(dense, dtype=np.int64), sum(dense)
+
+
 def _decode(data: bytes) -> QuantileSketch:
     if len(data) < 1:
         raise SketchDecodeError("empty input is not a sketch")
@@ -497,25 +716,15 @@ def _decode(data: bytes) -> QuantileSketch:
         zigzag, pos = _read_varint(payload, pos)
         offset = _unzigzag(zigzag)
     body = payload[pos:]
-    if layout == _LAYOUT_SPARSE:
-        fields = _read_varints(body, 2 * nbins - 1 if nbins else 0)
-        gaps, bucket_counts = fields[: max(nbins - 1, 0)], fields[max(nbins - 1, 0) :]
-        if np.any(bucket_counts == 0):
-            raise SketchDecodeError("empty bucket in sparse layout")
-        if gaps.size and int(gaps.max()) >= MAX_BINS:
-            raise SketchDecodeError(f"bucket span exceeds {MAX_BINS} keys")
-        relative = np.concatenate(([0], np.cumsum(gaps.astype(np.int64) + 1))) if nbins else _EMPTY_KEYS
-        if relative.size and int(relative[-1]) >= MAX_BINS:
-            raise SketchDecodeError(f"bucket span exceeds {MAX_BINS} keys")
-        dense = np.zeros(int(relative[-1]) + 1 if nbins else 0, dtype=np.uint64)
-        dense[relative] = bucket_counts
+    if len(body) <= _SMALL_BODY:
+        store, in_buckets = _bucket_store_small(body, layout, nbins)
     else:
-        dense = _read_varints(body, nbins)
-        if nbins and (dense[0] == 0 or dense[-1] == 0):
-            raise SketchDecodeError("dense layout must start and end with a non-empty bucket")
-    if nbins and not (mapping.min_key <= offset and offset + dense.size - 1 <= mapping.max_key):
+        dense = _bucket_store(body, layout, nbins)
+        store, in_buckets = dense.astype(np.int64), sum(dense.tolist())
+    size = store.size
+    if nbins and not (mapping.min_key <= offset and offset + size - 1 <= mapping.max_key):
         raise SketchDecodeError("bucket key out of range")
-    count = zero + sum(dense.tolist())
+    count = zero + in_buckets
     if count > _MAX_TOTAL_COUNT:
         raise SketchDecodeError("total count overflows")
     if count == 0:
@@ -523,14 +732,6 @@ def _decode(data: bytes) -> QuantileSketch:
             raise SketchDecodeError("empty sketch with non-empty summary")
     elif not (0.0 <= lo <= hi < math.inf and 0.0 <= total < math.inf):
         raise SketchDecodeError("inconsistent min/max/sum")
-    elif (zero > 0) != (lo <= ZERO_THRESHOLD) or (dense.size > 0) != (hi > ZERO_THRESHOLD):
+    elif (zero > 0) != (lo <= ZERO_THRESHOLD) or (size > 0) != (hi > ZERO_THRESHOLD):
         raise SketchDecodeError("min/max disagree with the zero bucket and the buckets")
-    sketch = QuantileSketch(alpha)
-    sketch._offset = offset
-    sketch._counts = dense.astype(np.int64)
-    sketch._zero = zero
-    sketch._count = count
-    sketch._sum = total
-    sketch._min = lo
-    sketch._max = hi
-    return sketch
+    return QuantileSketch._of_state(mapping, offset, store, zero, count, total, lo, hi)

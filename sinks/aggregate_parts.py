@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.contract import ValidEvent
-from pipeline.sketch import DEFAULT_ALPHA, INTEGER_SAFE_ALPHA, QuantileSketch
+from pipeline.sketch import DEFAULT_ALPHA, INTEGER_SAFE_ALPHA, QuantileSketch, grouped_sketches
 from sinks.db import Connection
 
 NO_SERVER: Final = "00000000-0000-0000-0000-000000000000"
@@ -65,6 +65,8 @@ USAGE_DELTA_SUMS: Final = (*USAGE_SUMS, *USER_COUNTS)
 SLOTS: Final = 64
 
 IntMatrix = npt.NDArray[np.int64]
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
 
 # numpy's int64 additions wrap around silently past this.
 INT64_LIMIT: Final = 2**63
@@ -207,29 +209,33 @@ def group(
     """One accumulator per distinct key: sums added per column, one sketch of `values` per key.
 
     `keys[i][0]` is the window start in epoch seconds (turned into a UTC datetime in the result).
-    Vectorised: one stable argsort of the group ids, `np.add.reduceat` for the sums, and one
-    batch `add_many` per group.
+    Keys come out in order of first appearance.
     """
-    n = len(keys)
-    if n == 0:
-        return {}
     index: dict[tuple[object, ...], int] = {}
-    gid = np.fromiter((index.setdefault(k, len(index)) for k in keys), dtype=np.int64, count=n)
+    gid = np.fromiter((index.setdefault(k, len(index)) for k in keys), dtype=np.int64, count=len(keys))
+    return _grouped(gid, [_dated(k) for k in index], values, sums, alpha)
+
+
+def _dated(key: tuple[object, ...]) -> PartKey:
+    window = key[0]
+    assert isinstance(window, int)
+    return (_as_datetime(window), *key[1:])
+
+
+def _grouped(
+    gid: IntArray, part_keys: Sequence[PartKey], values: npt.ArrayLike, sums: IntMatrix, alpha: float
+) -> dict[PartKey, Acc]:
+    """Accumulators of the groups `gid` (0..len(part_keys)-1, every id used): one stable sort of
+    the ids, `np.add.reduceat` for the sums and one vectorised pass for all sketches."""
+    if not part_keys:
+        return {}
     order = np.argsort(gid, kind="stable")
-    counts = np.bincount(gid, minlength=len(index))
-    starts = np.zeros(len(index), dtype=np.int64)
-    np.cumsum(counts[:-1], out=starts[1:])
-    ordered_values = np.asarray(values, dtype=np.float64)[order]
-    group_sums = _sums_per_group(sums[order], starts)
-    out: dict[PartKey, Acc] = {}
-    for key, g in index.items():
-        lo = int(starts[g])
-        sketch = QuantileSketch(alpha)
-        sketch.add_many(ordered_values[lo : lo + int(counts[g])])
-        window = key[0]
-        assert isinstance(window, int)
-        out[(_as_datetime(window), *key[1:])] = Acc([int(s) for s in group_sums[g]], sketch)
-    return out
+    sizes = np.bincount(gid, minlength=len(part_keys))
+    starts = np.zeros(len(part_keys), dtype=np.int64)
+    np.cumsum(sizes[:-1], out=starts[1:])
+    sketches = grouped_sketches(np.asarray(values, dtype=np.float64)[order], starts, alpha)
+    group_sums = _sums_per_group(sums[order], starts).tolist()  # Python ints either way
+    return {key: Acc(s, sk) for key, s, sk in zip(part_keys, group_sums, sketches, strict=True)}
 
 
 def _sums_per_group(ordered: IntMatrix, starts: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
@@ -249,40 +255,192 @@ def usage_status(event: ValidEvent) -> str:
     return "error" if event.error else "success"
 
 
+# ---- one batch as columns ----------------------------------------------------------------------
+
+
+def _codes(column: Sequence[Hashable]) -> IntArray:
+    """Dense integer codes of a column's values, in order of first appearance."""
+    index: dict[Hashable, int] = {}
+    return np.fromiter((index.setdefault(v, len(index)) for v in column), dtype=np.int64, count=len(column))
+
+
+def _combined(*codes: IntArray) -> tuple[IntArray, IntArray]:
+    """Group ids of the distinct tuples of several code columns, numbered in order of first
+    appearance, and the row where each group first appears. Columns are folded in pairwise and
+    renumbered each time, so the combined code never exceeds rows**2 (no int64 overflow)."""
+    combined = codes[0]
+    for column in codes[1:]:
+        combined = combined * (int(column.max(initial=0)) + 1) + column
+        combined = np.unique(combined, return_inverse=True)[1].astype(np.int64).ravel()
+    _, first, inverse = np.unique(combined, return_index=True, return_inverse=True)
+    by_appearance = np.argsort(first, kind="stable")
+    renumber = np.empty_like(by_appearance)
+    renumber[by_appearance] = np.arange(by_appearance.size)
+    return renumber[inverse.ravel()].astype(np.int64), first[by_appearance]
+
+
+def _windows(epochs: FloatArray, width_s: int) -> IntArray:
+    """`window_start` of every epoch: float floor division, as Python's `//` on the same floats."""
+    return (np.floor_divide(epochs, width_s) * width_s).astype(np.int64)
+
+
+def _months(epochs: FloatArray) -> IntArray:
+    """`month_start` of every epoch (calendar months, UTC)."""
+    seconds = np.floor(epochs).astype(np.int64).astype("datetime64[s]")
+    return seconds.astype("datetime64[M]").astype("datetime64[s]").astype(np.int64)
+
+
+@dataclass(frozen=True, slots=True)
+class _UsageColumns:
+    """The columns and codes of the rows with usage fields, shared by the usage and monthly parts."""
+
+    orgs: list[str]
+    projects: list[str]  # NO_PROJECT when missing
+    models: list[str]  # NO_MODEL when missing
+    users: list[str]  # NO_USER when missing
+    epochs: FloatArray
+    latency: FloatArray
+    key_codes: tuple[IntArray, IntArray, IntArray]  # org, project, model
+    user_codes: IntArray
+    with_user: IntArray  # rows (of these rows) with a real user
+    sums: IntMatrix  # USAGE_SUMS
+
+
+@dataclass(frozen=True, slots=True)
+class BatchColumns:
+    """The fields the deltas read, one array or list per field, read from the events once."""
+
+    epochs: FloatArray  # started_at, epoch seconds
+    durations: FloatArray
+    errors: IntArray  # 0 or 1
+    bytes_in: IntArray
+    bytes_out: IntArray
+    orgs: list[str]
+    servers: list[str | None]  # as given (None when missing)
+    methods: list[str]  # NO_METHOD when missing
+    sessions: list[str | None]
+    org_codes: IntArray
+    usage: _UsageColumns  # the rows with usage fields only
+
+    @classmethod
+    def of(cls, events: Sequence[ValidEvent]) -> BatchColumns:
+        n = len(events)
+        rows = [
+            (
+                e.started_at.timestamp(),
+                e.duration_ms,
+                e.error,
+                e.bytes_in,
+                e.bytes_out,
+                e.organization_id,
+                e.server_id,
+                e.rpc_method or NO_METHOD,
+                e.session_id,
+            )
+            for e in events
+        ]
+        epochs, durations, errors, bytes_in, bytes_out, orgs, servers, methods, sessions = (
+            [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(9)]
+        )
+        epoch_array = np.array(epochs, dtype=np.float64)
+        duration_array = np.array(durations, dtype=np.float64)
+        org_codes = _codes(orgs)
+        return cls(
+            epochs=epoch_array,
+            durations=duration_array,
+            errors=np.array(errors, dtype=np.int64).reshape(n),
+            bytes_in=np.array(bytes_in, dtype=np.int64).reshape(n),
+            bytes_out=np.array(bytes_out, dtype=np.int64).reshape(n),
+            orgs=orgs,
+            servers=servers,
+            methods=methods,
+            sessions=sessions,
+            org_codes=org_codes,
+            usage=_usage_columns(events, orgs, org_codes, epoch_array, duration_array),
+        )
+
+
+def _usage_columns(
+    events: Sequence[ValidEvent],
+    orgs: list[str],
+    org_codes: IntArray,
+    epochs: FloatArray,
+    durations: FloatArray,
+) -> _UsageColumns:
+    rows = [i for i, e in enumerate(events) if e.has_usage]
+    used = [events[i] for i in rows]
+    projects = [e.project_id or NO_PROJECT for e in used]
+    models = [e.model or NO_MODEL for e in used]
+    users = [e.user_id or NO_USER for e in used]
+    picked = np.array(rows, dtype=np.int64)
+    return _UsageColumns(
+        orgs=[orgs[i] for i in rows],
+        projects=projects,
+        models=models,
+        users=users,
+        epochs=epochs[picked],
+        latency=durations[picked],
+        key_codes=(org_codes[picked], _codes(projects), _codes(models)),
+        user_codes=_codes(users),
+        with_user=np.array([i for i, user in enumerate(users) if user], dtype=np.int64),
+        sums=np.array([_usage_row(e) for e in used], dtype=np.int64).reshape(len(used), len(USAGE_SUMS)),
+    )
+
+
+def _usage_row(e: ValidEvent) -> tuple[int, ...]:
+    status = usage_status(e)
+    return (
+        1,
+        int(status == "success"),
+        int(status == "error"),
+        e.input_tokens or 0,
+        e.output_tokens or 0,
+        e.cache_read_tokens or 0,
+        e.cost_cents or 0,
+    )
+
+
+def _keys_at(rows: Sequence[int], windows: IntArray, *columns: Sequence[object]) -> list[PartKey]:
+    """(window as datetime, *column values) of each row; datetimes cached per window."""
+    cache: dict[int, datetime] = {}
+    window_list = windows.tolist()
+    out: list[PartKey] = []
+    for row in rows:
+        w = window_list[row]
+        when = cache.get(w)
+        if when is None:
+            when = cache[w] = _as_datetime(w)
+        out.append((when, *(c[row] for c in columns)))
+    return out
+
+
+def _distinct_sorted(rows: IntArray, windows: IntArray, *columns: Sequence[str]) -> list[PartKey]:
+    """The distinct (window, *columns) of `rows`, sorted by window then columns (the lock order of
+    the set inserts), windows as datetimes."""
+    if rows.size == 0:
+        return []
+    picked = [[c[i] for i in rows.tolist()] for c in columns]
+    _, first = _combined(windows[rows], *(_codes(c) for c in picked))
+    window_list = windows[rows].tolist()
+    distinct = sorted((window_list[i], *(c[i] for c in picked)) for i in first.tolist())
+    return [_dated(k) for k in distinct]
+
+
 def log_parts(events: Sequence[ValidEvent]) -> dict[PartKey, Acc]:
     """Parts of `log_aggregates`: (hour, organization, server or NO_SERVER, method or NO_METHOD)."""
-    keys = [
-        (
-            window_start(e.started_at.timestamp(), HOUR_S),
-            e.organization_id,
-            e.server_id or NO_SERVER,
-            e.rpc_method or NO_METHOD,
-        )
-        for e in events
-    ]
-    sums = np.array([(1, int(e.error), e.bytes_in, e.bytes_out) for e in events], dtype=np.int64).reshape(
-        len(events), len(LOG_SUMS)
-    )
-    durations = np.fromiter((e.duration_ms for e in events), dtype=np.float64, count=len(events))
-    return group(keys, durations, sums, LOG_DELTAS.alpha)
+    return log_parts_of(BatchColumns.of(events))
 
 
-def _usage_sums(events: Sequence[ValidEvent]) -> IntMatrix:
-    rows = []
-    for e in events:
-        status = usage_status(e)
-        rows.append(
-            (
-                1,
-                int(status == "success"),
-                int(status == "error"),
-                e.input_tokens or 0,
-                e.output_tokens or 0,
-                e.cache_read_tokens or 0,
-                e.cost_cents or 0,
-            )
-        )
-    return np.array(rows, dtype=np.int64).reshape(len(events), len(USAGE_SUMS))
+def log_parts_of(batch: BatchColumns) -> dict[PartKey, Acc]:
+    n = len(batch.orgs)
+    if n == 0:
+        return {}
+    hours = _windows(batch.epochs, HOUR_S)
+    servers = [s or NO_SERVER for s in batch.servers]
+    gid, first = _combined(hours, batch.org_codes, _codes(servers), _codes(batch.methods))
+    keys = _keys_at(first.tolist(), hours, batch.orgs, servers, batch.methods)
+    sums = np.column_stack((np.ones(n, dtype=np.int64), batch.errors, batch.bytes_in, batch.bytes_out))
+    return _grouped(gid, keys, batch.durations, sums, LOG_DELTAS.alpha)
 
 
 def usage_key(e: ValidEvent) -> tuple[str, str, str]:
@@ -301,36 +459,35 @@ class UsageParts:
 
 def usage_parts(events: Sequence[ValidEvent]) -> UsageParts:
     """Parts of the usage rollups, over the events that carry usage fields (`has_usage`)."""
-    used = [e for e in events if e.has_usage]
-    if not used:
+    return usage_parts_of(BatchColumns.of(events))
+
+
+def usage_parts_of(batch: BatchColumns, days: IntArray | None = None) -> UsageParts:
+    u = batch.usage
+    if not u.orgs:
         return UsageParts({}, {}, [], {})
-    sums = _usage_sums(used)
-    latency = np.fromiter((e.duration_ms for e in used), dtype=np.float64, count=len(used))
-    epochs = [e.started_at.timestamp() for e in used]
-    hour_keys = [(window_start(t, HOUR_S), *usage_key(e)) for t, e in zip(epochs, used, strict=True)]
-    user_keys = [
-        (window_start(t, DAY_S), *usage_key(e), e.user_id or NO_USER)
-        for t, e in zip(epochs, used, strict=True)
-    ]
-    users = sorted(
-        {
-            (window_start(t, HOUR_S), *usage_key(e), e.user_id)
-            for t, e in zip(epochs, used, strict=True)
-            if e.user_id
-        }
-    )
-    first_hour: dict[tuple[int, *tuple[object, ...]], int] = {}
-    for hour, *rest in users:  # sorted by hour first: setdefault keeps the earliest
-        first_hour.setdefault((window_start(hour, DAY_S), *rest), hour)
+    names = (u.orgs, u.projects, u.models)
+    hours = _windows(u.epochs, HOUR_S)
+    days = _windows(u.epochs, DAY_S) if days is None else days
+    hour_gid, hour_first = _combined(hours, *u.key_codes)
+    user_gid, user_first = _combined(days, *u.key_codes, u.user_codes)
+    hour_users = _distinct_sorted(u.with_user, hours, *names, u.users)
+    first_hour: dict[PartKey, datetime] = {}
+    for hour, *rest in hour_users:  # sorted by hour first: setdefault keeps the earliest
+        assert isinstance(hour, datetime)
+        first_hour.setdefault((_day_of(hour), *rest), hour)
+    hour_keys = _keys_at(hour_first.tolist(), hours, *names)
+    user_keys = _keys_at(user_first.tolist(), days, *names, u.users)
     return UsageParts(
-        hourly=group(hour_keys, latency, sums, USAGE_DELTAS.alpha),
-        daily_users=group(user_keys, latency, sums, USAGE_USER_DELTAS.alpha),
-        hour_users=[(_as_datetime(hour), *rest) for hour, *rest in users],
-        day_users={
-            (_as_datetime(day), *rest): _as_datetime(hour)
-            for (day, *rest), hour in sorted(first_hour.items())
-        },
+        hourly=_grouped(hour_gid, hour_keys, u.latency, u.sums, USAGE_DELTAS.alpha),
+        daily_users=_grouped(user_gid, user_keys, u.latency, u.sums, USAGE_USER_DELTAS.alpha),
+        hour_users=hour_users,
+        day_users=dict(sorted(first_hour.items())),
     )
+
+
+def _day_of(hour: datetime) -> datetime:
+    return _as_datetime(window_start(hour.timestamp(), DAY_S))
 
 
 def slot_of(organization_id: str) -> int:
@@ -429,23 +586,28 @@ class ServerParts:
 
 def server_parts(events: Sequence[ValidEvent], width_s: int) -> ServerParts:
     """Parts of server_stats: events that name a server (not the nil UUID), per window."""
-    named = [e for e in events if e.server_id and e.server_id != NO_SERVER]
-    if not named:
+    return server_parts_of(BatchColumns.of(events), width_s)
+
+
+def server_parts_of(batch: BatchColumns, width_s: int) -> ServerParts:
+    named = np.array([i for i, s in enumerate(batch.servers) if s and s != NO_SERVER], dtype=np.int64)
+    if named.size == 0:
         return ServerParts({}, [])
-    epochs = [window_start(e.started_at.timestamp(), width_s) for e in named]
-    keys = [(w, e.organization_id, e.server_id, width_s) for w, e in zip(epochs, named, strict=True)]
-    sums = np.array([(1, int(e.error), 0) for e in named], dtype=np.int64).reshape(len(named), 3)
-    durations = np.fromiter((e.duration_ms for e in named), dtype=np.float64, count=len(named))
-    sessions = sorted(
-        {
-            (w, e.organization_id, e.server_id, e.session_id)
-            for w, e in zip(epochs, named, strict=True)
-            if e.session_id
-        }
+    rows = named.tolist()
+    orgs = [batch.orgs[i] for i in rows]
+    servers = [str(batch.servers[i]) for i in rows]
+    sessions = [batch.sessions[i] or "" for i in rows]
+    windows = _windows(batch.epochs[named], width_s)
+    gid, first = _combined(windows, batch.org_codes[named], _codes(servers))
+    widths = [width_s] * len(rows)
+    keys = _keys_at(first.tolist(), windows, orgs, servers, widths)
+    sums = np.column_stack(
+        (np.ones(len(rows), dtype=np.int64), batch.errors[named], np.zeros(len(rows), dtype=np.int64))
     )
+    with_session = np.array([i for i, s in enumerate(sessions) if s], dtype=np.int64)
     return ServerParts(
-        group(keys, durations, sums, SERVER_STATS_DELTAS.alpha),
-        [(_as_datetime(w), *rest) for w, *rest in sessions],
+        _grouped(gid, keys, batch.durations[named], sums, SERVER_STATS_DELTAS.alpha),
+        _distinct_sorted(with_session, windows, orgs, servers, sessions),
     )
 
 
@@ -483,19 +645,22 @@ class MonthParts:
 
 def month_parts(events: Sequence[ValidEvent]) -> MonthParts:
     """Parts of usage_monthly, over the events that carry usage fields (as usage_daily)."""
-    used = [e for e in events if e.has_usage]
-    if not used:
+    return month_parts_of(BatchColumns.of(events))
+
+
+def month_parts_of(batch: BatchColumns, days: IntArray | None = None) -> MonthParts:
+    u = batch.usage
+    if not u.orgs:
         return MonthParts({}, [], [])
-    sums = np.hstack([_usage_sums(used), np.zeros((len(used), len(MONTH_COUNTS)), dtype=np.int64)])
-    latency = np.fromiter((e.duration_ms for e in used), dtype=np.float64, count=len(used))
-    months = [month_start(e.started_at) for e in used]
-    keys = [(m, *usage_key(e)) for m, e in zip(months, used, strict=True)]
-    users = sorted({(m, *usage_key(e), e.user_id) for m, e in zip(months, used, strict=True) if e.user_id})
-    days = sorted({(window_start(e.started_at.timestamp(), DAY_S), *usage_key(e)) for e in used})
+    names = (u.orgs, u.projects, u.models)
+    months = _months(u.epochs)
+    days = _windows(u.epochs, DAY_S) if days is None else days
+    gid, first = _combined(months, *u.key_codes)
+    sums = np.hstack([u.sums, np.zeros((len(u.orgs), len(MONTH_COUNTS)), dtype=np.int64)])
     return MonthParts(
-        group(keys, latency, sums, USAGE_MONTHLY_DELTAS.alpha),
-        [(_as_datetime(m), *rest) for m, *rest in users],
-        [(_as_datetime(d), *rest) for d, *rest in days],
+        _grouped(gid, _keys_at(first.tolist(), months, *names), u.latency, sums, USAGE_MONTHLY_DELTAS.alpha),
+        _distinct_sorted(u.with_user, months, *names, u.users),
+        _distinct_sorted(np.arange(len(u.orgs), dtype=np.int64), days, *names),
     )
 
 
@@ -534,12 +699,17 @@ class AggregateDeltasWriter:
         self.server_window_s = valid_server_window(server_window_s)
 
     async def write(self, conn: Connection, new_events: Sequence[ValidEvent], source_partition: int) -> None:
-        await insert_deltas(conn, LOG_DELTAS, log_parts(new_events))
-        usage = usage_parts(new_events)
+        # The events are read into columns once; every deltas table groups from those arrays.
+        batch = BatchColumns.of(new_events)
+        await insert_deltas(conn, LOG_DELTAS, log_parts_of(batch))
+        days = _windows(batch.usage.epochs, DAY_S)  # the usage rows' days, shared by both
+        usage = usage_parts_of(batch, days)
         await insert_deltas(conn, USAGE_DELTAS, await count_new_users(conn, usage))
         await insert_deltas(conn, USAGE_USER_DELTAS, usage.daily_users)
-        await insert_deltas(conn, USAGE_MONTHLY_DELTAS, await count_month_news(conn, month_parts(new_events)))
-        servers = server_parts(new_events, self.server_window_s)
+        await insert_deltas(
+            conn, USAGE_MONTHLY_DELTAS, await count_month_news(conn, month_parts_of(batch, days))
+        )
+        servers = server_parts_of(batch, self.server_window_s)
         await insert_deltas(
             conn, SERVER_STATS_DELTAS, await count_new_sessions(conn, servers, self.server_window_s)
         )
