@@ -85,11 +85,20 @@ class BenchEnv:
 
     async def new_database(self, what: str) -> str:
         """A fresh, migrated database (so every scenario starts from empty tables)."""
+        return (await self.new_named_database(what))[1]
+
+    async def new_named_database(self, what: str) -> tuple[str, str]:
+        """`new_database`, also returning the database's name (to drop it early)."""
         name = f"bench_{self.run_id}_{what}"
         url = create_database(self.info, name)
         self.databases.append(name)
         await migrate(url)
-        return url
+        return name, url
+
+    async def drop_named_database(self, name: str) -> None:
+        """Drop a finished scenario's database now: a large drain's tables take gigabytes."""
+        drop_database(self.info, name)
+        self.databases = [d for d in self.databases if d != name]
 
     async def new_topic(self, what: str, partitions: int) -> str:
         topic = self.name(what)

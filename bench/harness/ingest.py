@@ -8,6 +8,7 @@ and the group join are excluded, every commit (S3 + index + aggregates parts) is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +17,27 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from bench.harness import traffic
+from bench.harness import statements, traffic
+from bench.harness.cpu import CpuMeter, Tracked, usage_between
 from bench.harness.env import BenchEnv, connect
 from bench.harness.procs import Profiler, WorkerGroup, metric_sum
+from bench.harness.services import listening_pids, ports
+from bench.harness.stats import fifth_rates, percentile, visibility_lags
 from pipeline.metrics import FLUSH_STAGES
+from sinks.merger import pending_deltas
 
 _STALL_S = 60.0  # no offset progress for this long fails the scenario
+_AGGREGATES_STALL_S = 120.0  # no merger progress for this long after the index caught up
+_TAG = statements.HARNESS_TAG
+_COMMITTED_SQL = (
+    f"{_TAG} SELECT coalesce(sum(next_offset), 0) FROM ingest_offsets"
+    " WHERE consumer_group = $1 AND topic = $2"
+)
+# Every event counts once in its organization's hourly row (server and method "all").
+_ROLLED_UP_SQL = (
+    f"{_TAG} SELECT coalesce(sum(total_requests), 0) FROM log_aggregates"
+    " WHERE window_type = 'hourly' AND server_id IS NULL AND rpc_method IS NULL"
+)
 
 
 @dataclass(frozen=True)
@@ -34,31 +50,66 @@ class Scenario:
     variant: str = "full"
     settings: tuple[tuple[str, str], ...] = ()  # extra OMNILOG_* settings (tuning experiments)
 
+    @property
+    def merger(self) -> bool:
+        """The product folds deltas in one `omnilog merge` process; the variants fold none."""
+        return self.variant == "full"
+
 
 async def stored_total(conn: asyncpg.Connection, group: str, topic: str) -> int:
-    value = await conn.fetchval(
-        "SELECT coalesce(sum(next_offset), 0) FROM ingest_offsets WHERE consumer_group = $1 AND topic = $2",
-        group,
-        topic,
-    )
-    return int(value)
+    return int(await conn.fetchval(_COMMITTED_SQL, group, topic))
 
 
-async def wait_offsets(url: str, group: str, topic: str, total: int, workers: WorkerGroup) -> float:
-    """Poll (every 50 ms) until the stored offsets sum to `total`; returns that moment."""
-    async with connect(url) as conn:
-        last, last_change = -1, time.monotonic()
-        while True:
-            done = await stored_total(conn, group, topic)
-            now = time.monotonic()
-            if done >= total:
-                return now
-            if done != last:
-                last, last_change = done, now
-            elif now - last_change > _STALL_S:
-                raise TimeoutError(f"{topic}: stuck at {done}/{total}; logs: {workers.log_paths()}")
-            workers.check_alive()
-            await asyncio.sleep(0.05)
+async def rolled_up_total(conn: asyncpg.Connection) -> int:
+    return int(await conn.fetchval(_ROLLED_UP_SQL))
+
+
+async def wait_offsets(
+    conn: asyncpg.Connection,
+    group: str,
+    topic: str,
+    total: int,
+    processes: list[WorkerGroup],
+    began: float | None = None,
+) -> tuple[float, list[tuple[float, int]]]:
+    """Poll (every 50 ms) until the stored offsets sum to `total`; returns that moment and the
+    progress samples (seconds since `began`, events committed), starting with (0, 0)."""
+    began = time.monotonic() if began is None else began
+    samples: list[tuple[float, int]] = [(0.0, 0)]
+    last, last_change = -1, time.monotonic()
+    while True:
+        done = await stored_total(conn, group, topic)
+        now = time.monotonic()
+        if done != samples[-1][1]:
+            samples.append((now - began, done))
+        if done >= total:
+            return now, samples
+        if done != last:
+            last, last_change = done, now
+        elif now - last_change > _STALL_S:
+            logs = [p for g in processes for p in g.log_paths()]
+            raise TimeoutError(f"{topic}: stuck at {done}/{total}; logs: {logs}")
+        for g in processes:
+            g.check_alive()
+        await asyncio.sleep(0.05)
+
+
+async def wait_aggregates(conn: asyncpg.Connection, total: int, merger: WorkerGroup) -> float:
+    """Poll (every 100 ms) until the merger folded every delta: the hourly rollups count `total`
+    events and no delta waits (server deltas held for unregistered servers aside, as the merger
+    itself does). Returns that moment."""
+    last, last_change = -1, time.monotonic()
+    while True:
+        rolled = await rolled_up_total(conn)
+        now = time.monotonic()
+        if rolled >= total and await pending_deltas(conn) == 0:
+            return time.monotonic()
+        if rolled != last:
+            last, last_change = rolled, now
+        elif now - last_change > _AGGREGATES_STALL_S:
+            raise TimeoutError(f"aggregates stuck at {rolled}/{total}; merger log: {merger.log_paths()}")
+        merger.check_alive()
+        await asyncio.sleep(0.1)
 
 
 def stage_seconds(scraped: list[dict[str, float]]) -> dict[str, float]:
@@ -72,48 +123,102 @@ def stage_seconds(scraped: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def _tracked(workers: WorkerGroup, merger: WorkerGroup | None, services: dict[str, int]) -> list[Tracked]:
+    tracked = [Tracked("worker", workers.pids)]
+    if merger is not None:
+        tracked.append(Tracked("merger", merger.pids))
+    tracked += [Tracked(name, (pid,)) for name, pid in services.items()]
+    return tracked
+
+
+def process_env(
+    env: BenchEnv, topic: str, url: str, group: str, scenario_settings: dict[str, str]
+) -> dict[str, str]:
+    # The merger is a process of its own (as deployed on Kubernetes), so its CPU is its own line.
+    return {**env.worker_env(topic, url, group, 0), "OMNILOG_MERGER_IN_WORKER": "false", **scenario_settings}
+
+
 async def drain(
-    env: BenchEnv, scenario: Scenario, log_dir: Path, profile_dir: Path | None = None
+    env: BenchEnv,
+    scenario: Scenario,
+    log_dir: Path,
+    profile_dir: Path | None = None,
+    keep_topic: bool = False,
 ) -> dict[str, Any]:
-    """Pre-produce the backlog, start the workers, time the drain."""
+    """Pre-produce the backlog, start the workers (and the merger), time the drain until the index
+    and then the aggregates caught up, with per-process CPU and per-statement database time."""
     bootstrap = env.info.kafka_bootstrap_servers
     topic = await env.new_topic(scenario.label, scenario.partitions)
-    url = await env.new_database(scenario.label.replace("-", "_"))
+    db_name, url = await env.new_named_database(scenario.label.replace("-", "_"))
     produced = await traffic.produce_backlog(bootstrap, topic, scenario.backlog, scenario.seed)
     group_name = env.name(scenario.label)
-    workers = WorkerGroup.start(
-        scenario.workers,
-        {**env.worker_env(topic, url, group_name, 0), **dict(scenario.settings)},
-        log_dir,
-        scenario.label,
-        scenario.variant,
+    settings = process_env(env, topic, url, group_name, dict(scenario.settings))
+    workers = WorkerGroup.start(scenario.workers, settings, log_dir, scenario.label, scenario.variant)
+    merger = (
+        WorkerGroup.start(1, settings, log_dir, scenario.label, command="merge") if scenario.merger else None
     )
+    watched = [workers] + ([merger] if merger is not None else [])
+    meter = CpuMeter(_tracked(workers, merger, listening_pids(ports(env.info))))
+    events = produced.delivered
     profiler = None
+    aggregates_end: float | None = None
     try:
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession() as session, connect(url) as conn:
+            no_statements = await statements.prepare(conn)
             first = await workers.wait_first_consume(session, timeout_s=90)
+            meter.mark("start")
+            if no_statements is None:
+                await statements.reset(conn)
             if profile_dir is not None:
                 profiler = Profiler.attach(workers.workers[0].pid, profile_dir)
-            end = await wait_offsets(url, group_name, topic, produced.delivered, workers)
+            end, progress = await wait_offsets(conn, group_name, topic, events, watched, began=first)
+            meter.mark("index")
             if profiler is not None:
                 await profiler.stop()
             scraped = await workers.scrape(session)
+            if merger is not None:
+                aggregates_end = await wait_aggregates(conn, events, merger)
+                meter.mark("aggregates")
+            stats = (
+                statements.unavailable(no_statements)
+                if no_statements is not None
+                else statements.summarize(await statements.read(conn), events)
+            )
+            indexed = int(await conn.fetchval(f"{_TAG} SELECT count(*) FROM log_index"))
+            rolled = await rolled_up_total(conn) if merger is not None else None
     finally:
-        await workers.stop()
-    async with connect(url) as conn:
-        indexed = int(await conn.fetchval("SELECT count(*) FROM log_index"))
-    if indexed != produced.delivered:
-        raise RuntimeError(f"{scenario.label}: {indexed} rows indexed for {produced.delivered} events")
+        await asyncio.gather(*(g.stop() for g in watched))
+    if indexed != events:
+        raise RuntimeError(f"{scenario.label}: {indexed} rows indexed for {events} events")
+    if rolled is not None and rolled != events:
+        raise RuntimeError(f"{scenario.label}: the hourly rollups count {rolled} events of {events}")
+    if not keep_topic:
+        await env.drop_topic(topic)
+    await env.drop_named_database(db_name)  # a 5 M drain's tables are gigabytes
     seconds = end - first
+    marks = meter.marks
+    cpu: dict[str, Any] = {"index": usage_between(marks["start"], marks["index"], events, meter.cpus)}
+    if "aggregates" in marks:
+        cpu["aggregates"] = usage_between(marks["start"], marks["aggregates"], events, meter.cpus)
+    aggregates_s = None if aggregates_end is None else aggregates_end - first
     return {
         "workers": scenario.workers,
         "variant": scenario.variant,
         "settings": dict(scenario.settings),
-        "events": produced.delivered,
+        "partitions": scenario.partitions,
+        "events": events,
         "seconds": round(seconds, 3),
-        "events_per_s": round(produced.delivered / seconds, 1),
+        "events_per_s": round(events / seconds, 1),
+        "aggregates_seconds": None if aggregates_s is None else round(aggregates_s, 3),
+        "aggregates_events_per_s": None if aggregates_s is None else round(events / aggregates_s, 1),
+        "aggregates_lag_s": None if aggregates_s is None else round(aggregates_s - seconds, 3),
+        "fifths_events_per_s": fifth_rates(progress, events),
         "produce_seconds": round(produced.seconds, 3),
+        "produce_events_per_s": round(events / produced.seconds, 1),
         "peak_rss_mib": [round(w.peak_rss / 2**20, 1) for w in workers.workers],
+        "merger_peak_rss_mib": None if merger is None else round(merger.workers[0].peak_rss / 2**20, 1),
+        "cpu": cpu,
+        "statements": stats,
         "stage_seconds": stage_seconds(scraped),
         "fenced_batches": sum(metric_sum(m, "omnilog_fenced_batches_total") for m in scraped),
         "flush_failures": sum(metric_sum(m, "omnilog_flush_failures_total") for m in scraped),
@@ -157,28 +262,65 @@ def histogram_quantile(scraped: list[dict[str, float]], name: str, q: float) -> 
     return lower
 
 
+async def _sample_visibility(
+    url: str,
+    group: str,
+    topic: str,
+    began: float,
+    index: list[tuple[float, int]],
+    rollups: list[tuple[float, int]],
+    every_s: float = 0.5,
+) -> None:
+    """Every `every_s`: the events committed to the index and the events the hourly rollups count."""
+    async with connect(url) as conn:
+        while True:
+            committed = await stored_total(conn, group, topic)
+            t_index = time.monotonic() - began
+            rolled = await rolled_up_total(conn)
+            t_rollups = time.monotonic() - began
+            index.append((t_index, committed))
+            rollups.append((t_rollups, rolled))
+            await asyncio.sleep(every_s)
+
+
 async def freshness(
     env: BenchEnv, rate: float, duration_s: float, seed: int, log_dir: Path, partitions: int = 8
 ) -> dict[str, Any]:
-    """One worker, input at `rate` events/s with started_at = send time; commit − started_at."""
+    """One worker and the merger, input at `rate` events/s with started_at = send time:
+    commit − started_at, and how long after their commit the rollups count the events."""
     label = "freshness"
     bootstrap = env.info.kafka_bootstrap_servers
     topic = await env.new_topic(label, partitions)
     url = await env.new_database(label)
     group_name = env.name(label)
-    workers = WorkerGroup.start(1, env.worker_env(topic, url, group_name, 0), log_dir, label)
+    settings = process_env(env, topic, url, group_name, {})
+    workers = WorkerGroup.start(1, settings, log_dir, label)
+    merger = WorkerGroup.start(1, settings, log_dir, label, command="merge")
+    index: list[tuple[float, int]] = []
+    rollups: list[tuple[float, int]] = []
+    sampler: asyncio.Task[None] | None = None
     try:
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession() as session, connect(url) as conn:
             await workers.wait_ready(session, timeout_s=90)
+            sampler = asyncio.create_task(
+                _sample_visibility(url, group_name, topic, time.monotonic(), index, rollups)
+            )
             produced = await traffic.produce_at_rate(bootstrap, topic, rate, duration_s, seed)
-            await wait_offsets(url, group_name, topic, produced.delivered, workers)
+            await wait_offsets(conn, group_name, topic, produced.delivered, [workers, merger])
             scraped = await workers.scrape(session)
+            await wait_aggregates(conn, produced.delivered, merger)
+            await asyncio.sleep(0.6)  # one more sample after the rollups caught up
     finally:
-        await workers.stop()
+        if sampler is not None:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+        await asyncio.gather(workers.stop(), merger.stop())
     async with connect(url) as conn:
         row = await conn.fetchrow(_FRESHNESS_SQL)
     assert row is not None
     name = "omnilog_freshness_seconds"
+    lags = visibility_lags(index, rollups)
     return {
         "rate": round(rate, 1),
         "achieved_rate": round(produced.delivered / produced.seconds, 1),
@@ -191,6 +333,14 @@ async def freshness(
         # The worker's own histogram (clock_timestamp() at commit), bucketed: interpolated.
         "metric_p50_s": _round(histogram_quantile(scraped, name, 0.5)),
         "metric_p99_s": _round(histogram_quantile(scraped, name, 0.99)),
+        # Rollups counting an event minus its commit to the index, sampled every 0.5 s.
+        "aggregates_visible": {
+            "samples": len(lags),
+            "sample_every_s": 0.5,
+            "p50_s": _round(percentile(lags, 0.5)),
+            "p99_s": _round(percentile(lags, 0.99)),
+            "max_s": _round(max(lags) if lags else None),
+        },
     }
 
 

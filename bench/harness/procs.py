@@ -79,16 +79,23 @@ class WorkerGroup:
 
     @classmethod
     def start(
-        cls, count: int, env: dict[str, str], log_dir: Path, label: str, variant: str = "full"
+        cls,
+        count: int,
+        env: dict[str, str],
+        log_dir: Path,
+        label: str,
+        variant: str = "full",
+        command: str = "ingest",
     ) -> WorkerGroup:
-        """`omnilog ingest` processes (or a cost-attribution variant, see `bench.harness.variants`)."""
-        argv = [sys.executable, "-c", _OMNILOG, "ingest"]
+        """`omnilog ingest` processes (or a cost-attribution variant, see `bench.harness.variants`),
+        or with `command="merge"`, `omnilog merge` processes (the aggregates merger on its own)."""
+        argv = [sys.executable, "-c", _OMNILOG, command]
         if variant != "full":
             argv = [sys.executable, "-c", _VARIANT, variant]
         group = cls()
         log_dir.mkdir(parents=True, exist_ok=True)
         for i, port in enumerate(free_ports(count)):
-            log_path = log_dir / f"{label}-worker{i}.log"
+            log_path = log_dir / f"{label}-{command}{i}.log"
             log = log_path.open("wb")
             process = subprocess.Popen(
                 argv,
@@ -144,6 +151,10 @@ class WorkerGroup:
             code = w.process.poll()
             if code is not None:
                 raise RuntimeError(f"worker pid {w.pid} exited with {code}; log: {w.log_path}")
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        return tuple(w.pid for w in self.workers)
 
     def log_paths(self) -> list[str]:
         return [str(w.log_path) for w in self.workers]

@@ -13,7 +13,7 @@ import click
 
 
 @click.command("bench")
-@click.option("--quick", is_flag=True, help="Small sizes for a CI smoke run (under 2 minutes).")
+@click.option("--quick", is_flag=True, help="Small sizes for a CI smoke run (about 2 minutes).")
 @click.option(
     "--use-env",
     is_flag=True,
@@ -34,14 +34,30 @@ import click
     show_default=True,
     help="Where the results JSON (timestamped + latest.json), bench.md and bench.png go.",
 )
-@click.option("--profile", is_flag=True, help="py-spy the 1-worker drain (profile.svg in --out).")
+@click.option(
+    "--drains",
+    default=None,
+    metavar="SIZES",
+    help="Backlog sizes of the 1-worker drains, comma-separated (e.g. 200000,1m) [default: 30k with "
+    "--quick, else 200k,1m,5m]. The 1 M drain (else the largest) is the reference the ratios, CPU and "
+    "memory targets use; targets whose drain was not chosen say 'not measured'.",
+)
+@click.option("--profile", is_flag=True, help="py-spy the reference drain (profile.svg in --out).")
 @click.option("--no-chart", is_flag=True, help="Skip the PNG chart.")
-def command(quick: bool, use_env: bool, root: Path | None, out: Path, profile: bool, no_chart: bool) -> None:
+def command(
+    quick: bool,
+    use_env: bool,
+    root: Path | None,
+    out: Path,
+    drains: str | None,
+    profile: bool,
+    no_chart: bool,
+) -> None:
     """Measure ingest throughput, freshness and memory against the ceilings and a faust peer."""
     try:
         from bench.harness import report
         from bench.harness.env import BenchEnv, info_from_environment, own_stack
-        from bench.harness.runner import Plan, run
+        from bench.harness.runner import Plan, parse_sizes, run
     except ModuleNotFoundError as exc:
         # The harness lives next to the bench scripts, not in pipeline/: the container image
         # ships without it.
@@ -54,6 +70,11 @@ def command(quick: bool, use_env: bool, root: Path | None, out: Path, profile: b
 
     logging.basicConfig(level=logging.WARNING)
     plan = Plan.quick() if quick else Plan.full()
+    if drains is not None:
+        try:
+            plan = plan.with_drains(parse_sizes(drains))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--drains") from None
 
     def say(line: str) -> None:
         click.echo(f"bench: {line}", err=True)
