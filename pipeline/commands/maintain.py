@@ -13,7 +13,13 @@ import asyncpg
 import click
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
-from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+from prometheus_client import (
+    CollectorRegistry,
+    Gauge,
+    push_to_gateway,
+    pushadd_to_gateway,
+    write_to_textfile,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.processing.flush import REUPLOAD_AFTER_S
@@ -23,55 +29,113 @@ from sinks.objects import s3_client
 from sinks.partitions import DEFAULT_DAYS_AHEAD, PartitionError, create_ahead, drop_expired
 from sinks.retention import OrganizationRetention, RetentionError, load_horizon, load_organization_retention
 
-# Metrics of the last run, written as a Prometheus text file (`--metrics-textfile`): the CronJob's
-# process lives for one run, so nothing could scrape it; a node_exporter textfile collector (or any
-# reader of the format) exports the file. Gauges, each describing the last run.
+# The pacing of each organization's expiry (sinks/janitor.py expire_organization): objects per page
+# (one short transaction each) and the idle time after a page, as a multiple of the page's own time.
+# bench/retention_cost.py measures the ingest drop of other pacings (--variant PAGE:IDLE_RATIO).
+EXPIRY_PAGE_OBJECTS = 100
+EXPIRY_IDLE_RATIO = 4.0
+
+# Metrics of the last run. The CronJob's process lives for one run, so nothing could scrape it: it
+# pushes them to a Prometheus Pushgateway (OMNILOG_MAINTAIN_PUSHGATEWAY_URL; Prometheus scrapes the
+# gateway with honor_labels) and/or writes them as a text file (`--metrics-textfile`, for a
+# node_exporter textfile collector). Gauges, each describing the last run.
 _LAST_SUCCESS = "omnilog_maintain_last_success_timestamp_seconds"
+# The Pushgateway group (its `job` label): one per deployment, replaced by each run's push.
+PUSH_JOB = "omnilog_maintain"
+_PUSH_TIMEOUT_S = 10.0
+# Summary totals (sinks/janitor.py Expiry, rollups) -> the `kind` label of the deleted-rows gauge.
+_ROW_KINDS = {"index_rows": "log_index", "usage_rows": "usage", "aggregate_rows": "rollups"}
 
 
 @dataclass(frozen=True, slots=True)
 class MaintainMetrics:
     """The gauges of one run, on their own registry (also read by tests/deploy's name check).
 
-    Only what an alert reads: the counts of what was deleted are in the run's JSON line and, per
-    organization, in `retention_cleanup_logs`.
+    What was deleted per organization is in `retention_cleanup_logs`; these are the run's totals.
     """
 
     last_success: Gauge
     failed: Gauge
     failed_objects: Gauge
+    deleted_rows: Gauge
+    deleted_objects: Gauge
+    deleted_bytes: Gauge
+    duration: Gauge
 
     @classmethod
     def register(cls, registry: CollectorRegistry) -> MaintainMetrics:
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(name, doc, labels, registry=registry)
+
         return cls(
-            last_success=Gauge(
-                _LAST_SUCCESS, "When maintain last ran without any failure (Unix time).", registry=registry
+            last_success=gauge(_LAST_SUCCESS, "When maintain last ran without any failure (Unix time)."),
+            failed=gauge("omnilog_maintain_last_run_failed", "1 when the last maintain run failed, else 0."),
+            failed_objects=gauge(
+                "omnilog_maintain_failed_objects", "Objects whose delete failed in the last run."
             ),
-            failed=Gauge(
-                "omnilog_maintain_last_run_failed",
-                "1 when the last maintain run failed, else 0.",
-                registry=registry,
+            deleted_rows=gauge(
+                "omnilog_maintain_last_run_deleted_rows",
+                "Rows the last run deleted (log_index: index rows; usage: raw usage rows; rollups).",
+                ("kind",),
             ),
-            failed_objects=Gauge(
-                "omnilog_maintain_failed_objects",
-                "Objects whose delete failed in the last run.",
-                registry=registry,
+            deleted_objects=gauge(
+                "omnilog_maintain_last_run_deleted_objects", "Objects the last run deleted."
             ),
+            deleted_bytes=gauge(
+                "omnilog_maintain_last_run_deleted_bytes", "Bytes of the objects the last run deleted."
+            ),
+            duration=gauge("omnilog_maintain_last_run_duration_seconds", "How long the last run took."),
         )
 
+    def fill(self, summary: dict[str, object] | None, *, ok: bool, duration_s: float) -> None:
+        """Everything but the last success; `summary` None (the run failed before it could
+        report): the counts are zero."""
+        totals = summary.get("deleted", {}) if summary else {}
+        assert isinstance(totals, dict)
+        self.failed.set(0 if ok else 1)
+        self.failed_objects.set(totals.get("failed_objects", 0))
+        for key, kind in _ROW_KINDS.items():
+            self.deleted_rows.labels(kind).set(totals.get(key, 0))
+        self.deleted_objects.set(totals.get("objects", 0))
+        self.deleted_bytes.set(totals.get("bytes", 0))
+        self.duration.set(duration_s)
 
-def write_metrics(path: Path, summary: dict[str, object] | None, *, now: float) -> None:
+
+def _succeeded(summary: dict[str, object] | None) -> bool:
+    return summary is not None and not summary.get("failures")
+
+
+def write_metrics(
+    path: Path, summary: dict[str, object] | None, *, now: float, duration_s: float = 0.0
+) -> None:
     """Write the run's metrics to `path` (atomically). `summary` None: the run failed before it
     could report; the last success timestamp is carried over from the previous file."""
     registry = CollectorRegistry()
     m = MaintainMetrics.register(registry)
-    ok = summary is not None and not summary.get("failures")
-    m.failed.set(0 if ok else 1)
+    ok = _succeeded(summary)
+    m.fill(summary, ok=ok, duration_s=duration_s)
     m.last_success.set(now if ok else _previous_success(path))
-    totals = summary.get("deleted", {}) if summary else {}
-    assert isinstance(totals, dict)
-    m.failed_objects.set(totals.get("failed_objects", 0))
     write_to_textfile(str(path), registry)
+
+
+def push_metrics(gateway: str, summary: dict[str, object] | None, *, now: float, duration_s: float) -> None:
+    """Push the run's metrics to the Pushgateway at `gateway`, group job=`PUSH_JOB`.
+
+    A successful run replaces the whole group (PUT). A failed one replaces only the metrics it
+    pushes (POST) and leaves out the last success, so the gateway keeps the previous run's value:
+    that is what OmnilogMaintenanceStale measures, and no file or state is needed here.
+    Raises OSError (urllib's URLError) when the gateway cannot be reached.
+    """
+    registry = CollectorRegistry()
+    m = MaintainMetrics.register(registry)
+    ok = _succeeded(summary)
+    m.fill(summary, ok=ok, duration_s=duration_s)
+    if ok:
+        m.last_success.set(now)
+        push_to_gateway(gateway, PUSH_JOB, registry, timeout=_PUSH_TIMEOUT_S)
+    else:
+        registry.unregister(m.last_success)
+        pushadd_to_gateway(gateway, PUSH_JOB, registry, timeout=_PUSH_TIMEOUT_S)
 
 
 def _previous_success(path: Path) -> float:
@@ -264,6 +328,8 @@ async def _run(
                     cutoff,
                     usage_first_kept_day=usage_first_kept,
                     since=horizon,
+                    page=EXPIRY_PAGE_OBJECTS,
+                    idle_ratio=EXPIRY_IDLE_RATIO,
                     dry_run=dry_run,
                 )
                 await rec.record(
@@ -298,13 +364,33 @@ def _run_and_record(
     metrics_textfile: Path | None,
 ) -> dict[str, object]:
     summary: dict[str, object] | None = None
+    began = time.monotonic()
     try:
         summary = asyncio.run(_run(settings, days_ahead, keep, grace, dry_run))
         return summary
     finally:
         # A dry run changes nothing, so it reports nothing either (its counts are predictions).
-        if metrics_textfile is not None and not dry_run:
-            write_metrics(metrics_textfile, summary, now=time.time())
+        if not dry_run:
+            _report_metrics(settings, metrics_textfile, summary, time.monotonic() - began)
+
+
+def _report_metrics(
+    settings: Settings, metrics_textfile: Path | None, summary: dict[str, object] | None, duration_s: float
+) -> None:
+    now = time.time()
+    if metrics_textfile is not None:
+        write_metrics(metrics_textfile, summary, now=now, duration_s=duration_s)
+    if settings.maintain_pushgateway_url:
+        try:
+            push_metrics(settings.maintain_pushgateway_url, summary, now=now, duration_s=duration_s)
+        except OSError as exc:
+            # The run's own outcome stands (its exit code, retention_cleanup_logs); a gateway that
+            # stays unreachable shows as OmnilogMaintenanceStale once the last pushed success ages.
+            click.echo(
+                f"warning: could not push metrics to OMNILOG_MAINTAIN_PUSHGATEWAY_URL "
+                f"({settings.maintain_pushgateway_url}): {exc}",
+                err=True,
+            )
 
 
 @click.command("maintain")
@@ -335,7 +421,8 @@ def _run_and_record(
     "--metrics-textfile",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
-    help="Write the run's metrics (last success, deletions, failures) to this Prometheus text file.",
+    help="Write the run's metrics (last success, deletions, failures) to this Prometheus text file "
+    "(OMNILOG_MAINTAIN_PUSHGATEWAY_URL pushes them to a Pushgateway instead or as well).",
 )
 @click.option(
     "--dry-run",

@@ -259,12 +259,15 @@ async def test_a_failed_object_delete_keeps_its_ledger_row_and_is_retried(
         )  # fmt: skip
         first = await _maintain(settings, "--metrics-textfile", str(metrics))
         assert first.exit_code == 1, first.output
-        assert _gauges(metrics) == {
-            "omnilog_maintain_last_success_timestamp_seconds": 0.0,  # never succeeded yet
-            "omnilog_maintain_last_run_failed": 1.0,
-            "omnilog_maintain_failed_objects": 1.0,
-        }
+        gauges = _gauges(metrics)
+        assert gauges["omnilog_maintain_last_success_timestamp_seconds"] == 0.0  # never succeeded yet
+        assert gauges["omnilog_maintain_last_run_failed"] == 1.0
+        assert gauges["omnilog_maintain_failed_objects"] == 1.0
+        assert gauges["omnilog_maintain_last_run_duration_seconds"] > 0
         summary = orjson.loads(first.output.splitlines()[0])
+        # The failed run's deletions are reported too (the other organizations' expired objects).
+        assert gauges["omnilog_maintain_last_run_deleted_objects"] == summary["deleted"]["objects"] > 0
+        assert gauges["omnilog_maintain_last_run_deleted_bytes"] == summary["deleted"]["bytes"] > 0
         assert summary["failures"] == 1 and summary["organizations"][FREE]["failed_objects"] == 1
         # The index row is gone, the ledger row stays for the retry.
         assert await conn.fetchval("SELECT count(*) FROM log_index WHERE object_uri = $1", uri) == 0
