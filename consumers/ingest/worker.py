@@ -1,15 +1,17 @@
 """The ingest worker: one consumer-group member (docs/contract.md §6, docs/ingest.md).
 
-The poll loop never blocks on a flush: at most one flush runs as a task while the loop keeps
-polling (so group membership and liveness hold during a dependency outage) and fills the next
-batch; when that batch is full too, or the in-flight byte cap is reached, the loop pauses the
-partitions (backpressure) until the flush completes.
+The poll loop never blocks on a flush: flushes run as tasks while the loop keeps polling (so
+group membership and liveness hold during a dependency outage) and fills the next batch. Up to two
+batches are in flight (pipeline/processing/flush_pipeline.py): one committing, the next preparing
+(decode, dead letters, encode, upload), which commits only after the first has. When no batch can
+start and the buffer is full too, or the bytes buffered and in flight reach the in-flight byte cap,
+the loop pauses the partitions (backpressure) until a flush moves on.
 
 Progress lives in Postgres (`ingest_offsets`). aiokafka rebalances eagerly: every member revokes
-all its partitions before any is assigned, so the revoke callback is where the in-flight flush is
-finished or abandoned (bounded by OMNILOG_REBALANCE_DRAIN_S) and the buffer dropped; the assign
-callback seeks every partition to its stored offset. A late commit of an abandoned flush is
-harmless: the offset compare-and-set in its transaction fails.
+all its partitions before any is assigned, so the revoke callback is where the flushes in flight
+are finished in order or abandoned (both within one OMNILOG_REBALANCE_DRAIN_S) and the buffer
+dropped; the assign callback seeks every partition to its stored offset. A late commit of an
+abandoned flush is harmless: the offset compare-and-set in its transaction fails.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from pipeline.contract import ValidationPolicy
 from pipeline.metrics import WorkerMetrics
 from pipeline.processing.batch import Batch, BatchBuffer, BatchLimits
 from pipeline.processing.dead_letters import DeadLetterLimit, DeadLetterLimitExceeded
-from pipeline.processing.flush import FlushContext, FlushReport, flush
+from pipeline.processing.flush import FlushContext
+from pipeline.processing.flush_pipeline import Discarded, FlushPipeline, InFlight
 from pipeline.processing.offsets import Fenced
 from pipeline.processing.retry import PermanentError, RetryPolicy, Stopped
 from pipeline.settings import Settings
@@ -98,8 +101,7 @@ class IngestWorker:
             BatchLimits(settings.batch_max_events, settings.batch_max_bytes, settings.batch_max_age_s)
         )
         self._stop = asyncio.Event()
-        self._flush_task: asyncio.Task[FlushReport] | None = None
-        self._flush_batch: Batch | None = None
+        self._flushes: FlushPipeline | None = None  # built with the flush context, once connected
         self._committed: dict[int, int] = {}
         self._loop_progress = time.monotonic()
         self._ready = Readiness(self.metrics)
@@ -176,6 +178,7 @@ class IngestWorker:
         stack.push_async_callback(clients.bounded_stop, "producer", producer.stop)
         objects = ObjectWriter(s3, s.s3_bucket, s.multipart_threshold_bytes)
         self._ctx = self._flush_context(self._pool, objects, producer)
+        self._flushes = FlushPipeline(self._ctx)
 
         consumer = clients.input_consumer(s)
         consumer.subscribe([s.topic], listener=_Listener(self))
@@ -219,34 +222,25 @@ class IngestWorker:
         return await self._retry.call(operation, dependency, call, stop=self._stop)
 
     async def _shutdown(self) -> None:
-        """Finish (or abandon) the in-flight flush and then the open batch within the grace period."""
+        """Finish (or abandon) the flushes in flight, in order, and then the open batch, all within
+        the grace period."""
         deadline = time.monotonic() + self.settings.shutdown_grace_s
-        await self._finish_flush(deadline - time.monotonic())
+        await self._finish_flushes(deadline - time.monotonic())
+        flushes = self._flushes
         if len(self._buffer) and not self._ready.stopped_by_error and self._consumer is not None:
             remaining = deadline - time.monotonic()
-            if remaining > 0:
-                self._start_flush(self._buffer.take())
-                await self._finish_flush(remaining)
+            if remaining > 0 and flushes is not None:
+                flushes.start(self._buffer.take())
+                await self._finish_flushes(remaining)
         log.info("drained", extra={"abandoned_messages": len(self._buffer)})
 
-    async def _finish_flush(self, budget_s: float) -> None:
-        task = self._flush_task
-        if task is None:
+    async def _finish_flushes(self, budget_s: float) -> None:
+        """Let the flushes in flight end in order within `budget_s` (abandoning what cannot), and
+        act on each outcome."""
+        if self._flushes is None:
             return
-        if not task.done():
-            try:
-                await asyncio.wait_for(asyncio.shield(task), max(budget_s, 0.001))
-            except TimeoutError:
-                task.cancel()
-                log.warning(
-                    "abandoning in-flight flush at its deadline",
-                    extra={"partitions": self._flush_batch.partitions if self._flush_batch else []},
-                )
-            except Exception:  # noqa: BLE001 - its outcome is handled by _reap_flush below
-                pass
-            with contextlib.suppress(BaseException):
-                await task
-        await self._reap_flush()
+        for flight in await self._flushes.settle(budget_s):
+            await self._reap(flight)
 
     # ---- the poll loop -----------------------------------------------------------------------
 
@@ -272,32 +266,33 @@ class IngestWorker:
             stopped.cancel()
 
     async def _poll_loop(self) -> None:
-        consumer = self._consumer
-        assert consumer is not None
+        consumer, flushes = self._consumer, self._flushes
+        assert consumer is not None and flushes is not None
         while not self._stop.is_set():
             self._loop_progress = time.monotonic()
-            self._apply_backpressure(consumer)
-            flushing = self._flush_task
-            if flushing is not None and consumer.paused():
-                # Paused behind a running flush: wake when it ends, not after a whole poll timeout
-                # (that idled ~100 ms per batch while draining a backlog; see docs/performance.md).
-                await asyncio.wait({flushing}, timeout=0.1)
+            self._apply_backpressure(consumer, flushes)
+            if len(flushes) and consumer.paused():
+                # Paused behind running flushes: wake when one ends or finishes preparing, not after
+                # a whole poll timeout (that idled ~100 ms per batch while draining a backlog; see
+                # docs/performance.md).
+                await flushes.wait(0.1)
                 records = {}
             else:
                 records = await self._fetch(consumer)
             for tp, batch in records.items():
                 self.metrics.events_consumed.inc(self._buffer.add(tp.partition, batch))
-            if self._flush_task is not None and self._flush_task.done():
-                await self._reap_flush()
-            if self._flush_task is None and self._ready.dlq_tripped is None and self._buffer.due():
-                self._start_flush(self._buffer.take())
+            for flight in await flushes.take_finished():
+                await self._reap(flight)
+            if flushes.has_room() and self._ready.dlq_tripped is None and self._buffer.due():
+                flushes.start(self._buffer.take())
             self._update_lag(consumer)
 
     async def _fetch(self, consumer: AIOKafkaConsumer) -> dict[TopicPartition, list[Any]]:
         """getmany, except when a fetch position no longer fits its log (OFFSET_OUT_OF_RANGE, or a
-        high watermark below where the worker is): then the in-flight flush is finished (or
-        abandoned at OMNILOG_REBALANCE_DRAIN_S), and every owned partition restarts from its stored
-        offset, fitted to its log by OMNILOG_OFFSET_OUT_OF_RANGE (consumers/ingest/offset_guard.py)."""
+        high watermark below where the worker is): then the flushes in flight are finished in order
+        (or abandoned at OMNILOG_REBALANCE_DRAIN_S), and every owned partition restarts from its
+        stored offset, fitted to its log by OMNILOG_OFFSET_OUT_OF_RANGE
+        (consumers/ingest/offset_guard.py)."""
         try:
             records: dict[TopicPartition, list[Any]] = await consumer.getmany(
                 timeout_ms=100, max_records=self.settings.batch_max_events
@@ -320,17 +315,16 @@ class IngestWorker:
             log.warning("high watermark below the worker's position: checking the log's bounds")
         if not self._stop.is_set():
             # Records just fetched are dropped with the buffer: they are re-read from the stored offsets.
-            await self._finish_flush(self.settings.rebalance_drain_s)
+            await self._finish_flushes(self.settings.rebalance_drain_s)
             await self._reset_positions()
         return {}
 
-    def _apply_backpressure(self, consumer: AIOKafkaConsumer) -> None:
-        in_flight = self._flush_batch.size_bytes if self._flush_task is not None and self._flush_batch else 0
-        held = self._buffer.size_bytes + in_flight
+    def _apply_backpressure(self, consumer: AIOKafkaConsumer, flushes: FlushPipeline) -> None:
+        held = self._buffer.size_bytes + flushes.size_bytes  # both batches in flight count
         self.metrics.inflight_bytes.set(held)
         pause = (
             self._ready.dlq_tripped is not None
-            or (self._flush_task is not None and self._buffer.full())
+            or (self._buffer.full() and not flushes.has_room())
             or held >= self.settings.max_inflight_bytes
         )
         assigned = consumer.assignment()
@@ -339,18 +333,13 @@ class IngestWorker:
         elif consumer.paused():
             consumer.resume(*consumer.paused())
 
-    def _start_flush(self, batch: Batch) -> None:
-        assert self._ctx is not None
-        self._flush_batch = batch
-        self._flush_task = asyncio.create_task(flush(self._ctx, batch), name="omnilog-flush")
-
-    async def _reap_flush(self) -> None:
-        task, batch = self._flush_task, self._flush_batch
-        self._flush_task = self._flush_batch = None
-        if task is None or batch is None:
+    async def _reap(self, flight: InFlight) -> None:
+        """Act on one ended flush; called in batch order."""
+        task, batch = flight.task, flight.batch
+        # Abandoned at a drain deadline, or discarded behind a batch that failed (that one is acted
+        # on): nothing was committed, and flush.py counted the orphaned uploads.
+        if task.cancelled() or isinstance(task.exception(), Discarded):
             return
-        if task.cancelled():
-            return  # abandoned at a drain deadline; flush() counted its orphaned uploads
         exc = task.exception()
         if exc is None:
             for r in batch.ranges:
@@ -418,7 +407,7 @@ class IngestWorker:
 
     async def on_revoked(self, partitions: list[int]) -> None:
         t0 = time.monotonic()
-        await self._finish_flush(self.settings.rebalance_drain_s)
+        await self._finish_flushes(self.settings.rebalance_drain_s)
         self._buffer.revoke(partitions)
         for p in partitions:
             self._committed.pop(p, None)

@@ -1,8 +1,12 @@
 """One flush: a batch of consumed messages becomes objects in S3 and rows in Postgres.
 
-Steps, each a small function below, each with a typed result:
-  horizon -> decode (Decoded) -> dead letters -> encode (PendingObject) -> upload
-  -> transaction (BatchOutcome) -> Kafka commit (FlushReport)
+Two halves, each a chain of small functions below with typed results:
+  prepare(ctx, batch) -> Prepared:
+    horizon -> decode (Decoded) -> dead letters -> encode (PendingObject) -> upload
+  commit(ctx, prepared) -> FlushReport:
+    transaction (BatchOutcome) -> Kafka commit
+`flush` runs both for one batch. The worker pipelines them (pipeline/processing/flush_pipeline.py):
+batch N+1 is prepared while batch N commits, and N+1 commits only after N has.
 Why this order makes every offset land in exactly one place: pipeline/processing/offsets.py.
 Storage is reached only through the interfaces of pipeline/processing/store.py.
 
@@ -137,6 +141,17 @@ class FlushReport:
         return len(self.letters)
 
 
+@dataclass(slots=True)
+class Prepared:
+    """A batch ready for its transaction: dead letters produced, objects uploaded. Nothing of it is
+    durable in PostgreSQL yet: `commit` makes it so, `discard` gives it up."""
+
+    batch: Batch
+    decoded: Decoded
+    pending: list[PendingObject]
+    stages: dict[str, float]  # seconds per stage so far; commit adds its own
+
+
 class _UploadsStale(Exception):
     """Objects held too long to commit safely: renew them, then try the transaction again."""
 
@@ -151,8 +166,18 @@ def _timed(stages: dict[str, float], stage: str) -> Iterator[None]:
 
 
 async def flush(ctx: FlushContext, batch: Batch) -> FlushReport:
-    """Make `batch` durable. Raises Fenced (nothing written), DeadLetterLimitExceeded or
-    PermanentError (the worker must stop)."""
+    """Make `batch` durable: `prepare` it, then `commit` it. The worker runs the two halves
+    separately (pipeline/processing/flush_pipeline.py); this is the one-batch-at-a-time form."""
+    return await commit(ctx, await prepare(ctx, batch))
+
+
+async def prepare(ctx: FlushContext, batch: Batch) -> Prepared:
+    """Everything before the transaction: horizon -> decode -> dead letters -> encode -> upload.
+
+    Nothing the stored offsets depend on is written here (dead letters may repeat, uploads are
+    unreferenced until the transaction points at them), so this may run while the batch before
+    commits. Raises DeadLetterLimitExceeded or PermanentError (the worker must stop); whatever
+    ends it early, its uploads are counted as orphans."""
     stages: dict[str, float] = {}
     horizon = await _load_horizon(ctx)
     with _timed(stages, "decode"):
@@ -169,13 +194,26 @@ async def flush(ctx: FlushContext, batch: Batch) -> FlushReport:
         with _timed(stages, "upload"):
             await _upload(ctx, pending)
         failpoints.hit("after_upload")
+    except BaseException:
+        _count_orphans(ctx, pending)
+        raise
+    return Prepared(batch, decoded, pending, stages)
+
+
+async def commit(ctx: FlushContext, prepared: Prepared) -> FlushReport:
+    """The batch transaction, then the Kafka commit.
+
+    Call it only once the batch before it (on the same partitions) has committed: this batch's
+    ranges start where that one's end, so before then its compare-and-set can only fail. Raises
+    Fenced (nothing written) or PermanentError (the worker must stop); whatever ends it before the
+    transaction commits, its uploads are counted as orphans."""
+    batch, decoded, pending, stages = prepared.batch, prepared.decoded, prepared.pending, prepared.stages
+    try:
         with _timed(stages, "postgres"):
             outcome = await _commit(ctx, batch, pending, decoded)
         failpoints.hit("after_postgres_commit")
     except BaseException:
-        orphans = sum(1 for p in pending if p.uploaded)
-        if orphans:
-            ctx.metrics.orphaned_uploads.inc(orphans)
+        _count_orphans(ctx, pending)
         raise
     if ctx.commit_kafka is not None:
         with _timed(stages, "kafka_commit"):
@@ -189,6 +227,19 @@ async def flush(ctx: FlushContext, batch: Batch) -> FlushReport:
         objects=[len(p.body) for p in pending],
         stage_seconds=stages,
     )
+
+
+def discard(ctx: FlushContext, prepared: Prepared) -> None:
+    """Give up a prepared batch without committing it (the batch before it did not commit). Its
+    uploads become orphans for the janitor; its dead letters were produced and will be produced
+    again when the batch is replayed (at-least-once, the dead-letter contract)."""
+    _count_orphans(ctx, prepared.pending)
+
+
+def _count_orphans(ctx: FlushContext, pending: Sequence[PendingObject]) -> None:
+    orphans = sum(1 for p in pending if p.uploaded)
+    if orphans:
+        ctx.metrics.orphaned_uploads.inc(orphans)
 
 
 async def _load_horizon(ctx: FlushContext) -> date | None:

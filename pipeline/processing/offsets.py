@@ -27,6 +27,14 @@ This is the argument the whole pipeline rests on; the code that carries it out i
    commit may wait), never a pointer to a missing object.
 7. **The Kafka commit comes last** and is advisory (for lag tools): a crash before it only makes the
    committed Kafka offset trail PostgreSQL's.
+8. **Batches commit in order, with at most two in flight** (`pipeline.processing.flush_pipeline`).
+   While batch N's transaction runs, batch N+1 may do everything that comes before a transaction
+   (points 4 and 6: dead letters, uploads), but its transaction starts only once N's has committed:
+   N+1's ranges start where N's end (point 2), so before then its fence could only fail. If N does
+   not commit (fenced, stopped, abandoned), N+1 is discarded without a transaction: its dead
+   letters repeat on replay and its uploads are orphans, exactly as after a crash (points 4 and
+   6); the worker starts no batch after them before it has re-read its positions (point 2) or
+   stopped.
 
 Together: an offset is either below `next_offset` — and then its message is in exactly one place,
 written by the one transaction that moved `next_offset` past it — or at/above it, and then nothing of

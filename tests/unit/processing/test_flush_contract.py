@@ -9,242 +9,41 @@ or uploads after the transaction, the Kafka commit before it) fails here in seco
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from collections.abc import Callable
+from datetime import timedelta
 
-import asyncpg
 import orjson
 import pytest
-from prometheus_client import CollectorRegistry
 
-from pipeline.contract import ValidationPolicy
-from pipeline.metrics import WorkerMetrics
 from pipeline.processing import flush as flush_module
 from pipeline.processing.batch import Batch, BatchBuffer, BatchLimits
-from pipeline.processing.dead_letters import DeadLetter, DeadLetterLimit
-from pipeline.processing.flush import FlushContext, flush
-from pipeline.processing.offsets import Fenced, HorizonMoved, PartitionRange
-from pipeline.processing.retry import ErrorKind, PermanentError, RetryPolicy
-from pipeline.processing.store import BatchOutcome, IndexedEvent, ObjectRecord
-
-NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
-NOW_MS = int(NOW.timestamp() * 1000)
-
-
-def _pg_error(sqlstate: str) -> Exception:
-    cls = asyncpg.PostgresError.get_message_class_for_sqlstate(sqlstate)  # type: ignore[attr-defined]
-    error: Exception = cls(f"sqlstate {sqlstate}")
-    return error
-
-
-@dataclass
-class Log:
-    """Every side effect, in order: what the tests check the commit order against."""
-
-    calls: list[tuple[str, Any]] = field(default_factory=list)
-
-    def names(self) -> list[str]:
-        return [name for name, _ in self.calls]
-
-
-@dataclass
-class FakeIndex:
-    log: Log
-    offsets: dict[int, int]  # the stored next_offset per partition
-    rows: dict[str, IndexedEvent] = field(default_factory=dict)
-    ledger: list[ObjectRecord] = field(default_factory=list)
-    horizon: date | None = None
-    locked_horizon: date | None = None  # what the transaction sees, when maintain moved it meanwhile
-    failures: list[Exception] = field(default_factory=list)  # raised by the next commits, in order
-    refuse: set[str] = field(default_factory=set)  # event ids whose rows raise a check violation
-    broken: Exception | None = None  # raised by every commit, even an empty one
-    block: asyncio.Event | None = None
-
-    async def load_horizon(self) -> date | None:
-        return self.horizon
-
-    async def commit(
-        self,
-        ranges: Sequence[PartitionRange],
-        indexed: Sequence[IndexedEvent],
-        objects: Sequence[ObjectRecord],
-        *,
-        check_horizon: bool = True,
-        rollback: bool = False,
-    ) -> BatchOutcome:
-        if self.block is not None:
-            await self.block.wait()
-        if self.failures:
-            raise self.failures.pop(0)
-        if self.broken is not None:
-            raise self.broken
-        moved = [r.partition for r in ranges if self.offsets.get(r.partition) != r.start]
-        if moved:
-            raise Fenced(moved)
-        horizon = self.locked_horizon or self.horizon
-        if (
-            check_horizon
-            and horizon is not None
-            and any(i.event.started_at.date() < horizon for i in indexed)
-        ):
-            raise HorizonMoved(horizon)
-        if any(i.event.event_id in self.refuse for i in indexed):
-            raise _pg_error("23514")
-        new = [i for i in indexed if i.event.event_id not in self.rows]
-        outcome = BatchOutcome([i.event for i in new], len(indexed) - len(new), NOW)
-        if rollback:
-            self.log.calls.append(("probe", len(indexed)))
-            return outcome
-        for r in ranges:
-            self.offsets[r.partition] = r.end
-        self.rows.update({i.event.event_id: i for i in new})
-        self.ledger.extend(objects)
-        self.log.calls.append(("commit", [(r.partition, r.start, r.end) for r in ranges]))
-        return outcome
-
-
-@dataclass
-class FakeObjects:
-    log: Log
-    bucket: str = "logs"
-    stored: dict[str, bytes] = field(default_factory=dict)
-    failures: list[Exception] = field(default_factory=list)
-
-    def bucket_for(self, organization_id: str) -> str:
-        return self.bucket
-
-    async def put(self, key: str, body: bytes, *, bucket: str | None = None) -> None:
-        assert bucket in (None, self.bucket)
-        if self.failures:
-            raise self.failures.pop(0)
-        self.stored[key] = body
-        self.log.calls.append(("put", key))
-
-
-@dataclass
-class FakePrepared:
-    sink: FakeDeadLetters
-    letters: Sequence[DeadLetter]
-    offloads: int = 0
-
-    async def offload(self) -> None:
-        return None
-
-    async def send(self) -> None:
-        if self.sink.failures:
-            raise self.sink.failures.pop(0)
-        self.sink.sent.extend(self.letters)
-        self.sink.log.calls.append(("dead_letters", [(m.message.offset, m.reason) for m in self.letters]))
-
-
-@dataclass
-class FakeDeadLetters:
-    log: Log
-    sent: list[DeadLetter] = field(default_factory=list)
-    failures: list[Exception] = field(default_factory=list)
-
-    def prepare(self, letters: Sequence[DeadLetter]) -> FakePrepared:
-        return FakePrepared(self, letters)
-
-
-@dataclass
-class Clock:
-    now: float = 1000.0
-    slept: list[float] = field(default_factory=list)
-
-    def monotonic(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
-
-
-@dataclass
-class Harness:
-    ctx: FlushContext
-    index: FakeIndex
-    objects: FakeObjects
-    letters: FakeDeadLetters
-    log: Log
-    clock: Clock
-    registry: CollectorRegistry
-
-    def metric(self, name: str, **labels: str) -> float:
-        return self.registry.get_sample_value(name, labels or None) or 0.0
-
-
-def _harness(offsets: dict[int, int]) -> Harness:
-    log, clock, registry = Log(), Clock(), CollectorRegistry()
-    metrics = WorkerMetrics(registry)
-    index, objects, letters = FakeIndex(log, dict(offsets)), FakeObjects(log), FakeDeadLetters(log)
-
-    async def commit_kafka(batch: Batch) -> None:
-        log.calls.append(("kafka", [(r.partition, r.end) for r in batch.ranges]))
-
-    ctx = FlushContext(
-        topic="in",
-        index=index,
-        objects=objects,
-        dead_letters=letters,
-        metrics=metrics,
-        policy=ValidationPolicy(max_age=timedelta(days=90), max_future_skew=timedelta(hours=1)),
-        member_bytes=4096,
-        gzip_level=1,
-        retry=RetryPolicy(metrics, 5.0, clock=lambda: clock.now, sleep=clock.sleep),
-        dlq_limit=DeadLetterLimit(0.9, 10_000),
-        commit_kafka=commit_kafka,
-        clock=lambda: NOW,
-        monotonic=clock.monotonic,
-    )
-    return Harness(ctx, index, objects, letters, log, clock, registry)
-
-
-@dataclass
-class Record:
-    offset: int
-    value: bytes | None
-    key: bytes | None = None
-    timestamp: int = NOW_MS
-
-
-def _event(started: datetime = NOW - timedelta(minutes=5), **changes: Any) -> bytes:
-    event = {
-        "event_id": str(uuid.uuid4()),
-        "organization_id": "00000000-0000-0000-0000-000000000001",
-        "started_at": started.isoformat(),
-        "duration_ms": 5,
-        **changes,
-    }
-    return orjson.dumps(event)
-
-
-def _batch(offsets: dict[int, int], values: dict[int, list[bytes | None]]) -> Batch:
-    buffer = BatchBuffer(BatchLimits(10_000, 10**9, 60.0))
-    buffer.assign(offsets)
-    for partition, partition_values in values.items():
-        start = offsets[partition]
-        buffer.add(partition, [Record(start + i, v) for i, v in enumerate(partition_values)])
-    return buffer.take()
-
-
-def _ids(values: list[bytes | None]) -> set[str]:
-    decoded = [orjson.loads(v) for v in values if v is not None]
-    return {d["event_id"] for d in decoded if isinstance(d, dict)}
+from pipeline.processing.dead_letters import DeadLetterLimit, DeadLetterLimitExceeded
+from pipeline.processing.flush import flush
+from pipeline.processing.flush_pipeline import FlushPipeline, InFlight
+from pipeline.processing.offsets import Fenced
+from pipeline.processing.retry import ErrorKind, PermanentError
+from tests.unit.processing.fakes import (
+    NOW,
+    NOW_MS,
+    Harness,
+    Record,
+    event,
+    harness,
+    ids,
+    make_batch,
+    pg_error,
+)
 
 
 async def test_a_batch_lands_every_offset_in_exactly_one_place_in_order() -> None:
-    h = _harness({0: 10, 1: 0})
-    good0 = [_event() for _ in range(5)]
-    good1 = [_event() for _ in range(3)]
-    batch = _batch({0: 10, 1: 0}, {0: [*good0[:2], b"{oops", *good0[2:]], 1: [None, *good1]})
+    h = harness({0: 10, 1: 0})
+    good0 = [event() for _ in range(5)]
+    good1 = [event() for _ in range(3)]
+    batch = make_batch({0: 10, 1: 0}, {0: [*good0[:2], b"{oops", *good0[2:]], 1: [None, *good1]})
 
     report = await flush(h.ctx, batch)
 
-    assert set(h.index.rows) == _ids(good0 + good1)
+    assert set(h.index.rows) == ids(good0 + good1)
     assert h.index.offsets == {0: 16, 1: 4}
     assert sorted((m.message.partition, m.message.offset, m.reason) for m in h.letters.sent) == [
         (0, 12, "not_json"),
@@ -260,8 +59,8 @@ async def test_a_batch_lands_every_offset_in_exactly_one_place_in_order() -> Non
 
 
 async def test_a_fenced_batch_writes_nothing_and_counts_its_orphans() -> None:
-    h = _harness({0: 10})
-    batch = _batch({0: 10}, {0: [_event(), _event()]})
+    h = harness({0: 10})
+    batch = make_batch({0: 10}, {0: [event(), event()]})
     h.index.offsets[0] = 12  # another owner committed this range meanwhile
 
     with pytest.raises(Fenced) as fenced:
@@ -274,15 +73,15 @@ async def test_a_fenced_batch_writes_nothing_and_counts_its_orphans() -> None:
 
 
 async def test_unavailable_dependencies_are_retried_until_they_answer() -> None:
-    h = _harness({0: 0})
-    values = [_event() for _ in range(4)] + [b"[]"]
+    h = harness({0: 0})
+    values = [event() for _ in range(4)] + [b"[]"]
     h.objects.failures = [ConnectionResetError(), TimeoutError()]
     h.letters.failures = [ConnectionRefusedError()]
-    h.index.failures = [_pg_error("08006"), _pg_error("40001"), _pg_error("57P01")]
+    h.index.failures = [pg_error("08006"), pg_error("40001"), pg_error("57P01")]
 
-    await flush(h.ctx, _batch({0: 0}, {0: values}))
+    await flush(h.ctx, make_batch({0: 0}, {0: values}))
 
-    assert set(h.index.rows) == _ids(values) and h.index.offsets == {0: 5}
+    assert set(h.index.rows) == ids(values) and h.index.offsets == {0: 5}
     assert h.log.names().count("commit") == 1
     assert h.metric("omnilog_retry_attempts_total", operation="upload") == 2
     assert h.metric("omnilog_retry_attempts_total", operation="dlq") == 1
@@ -292,14 +91,14 @@ async def test_unavailable_dependencies_are_retried_until_they_answer() -> None:
 
 
 async def test_a_row_postgres_refuses_is_dead_lettered_and_the_rest_committed() -> None:
-    h = _harness({0: 0})
-    values = [_event() for _ in range(50)]
+    h = harness({0: 0})
+    values = [event() for _ in range(50)]
     bad = orjson.loads(values[31])["event_id"]
     h.index.refuse = {bad}
 
-    report = await flush(h.ctx, _batch({0: 0}, {0: values}))
+    report = await flush(h.ctx, make_batch({0: 0}, {0: values}))
 
-    assert set(h.index.rows) == _ids(values) - {bad}
+    assert set(h.index.rows) == ids(values) - {bad}
     assert h.index.offsets == {0: 50}
     assert [(m.message.offset, m.reason) for m in h.letters.sent] == [(31, "rejected_by_database")]
     assert [m.reason for m in report.letters] == ["rejected_by_database"]
@@ -309,36 +108,36 @@ async def test_a_row_postgres_refuses_is_dead_lettered_and_the_rest_committed() 
 
 
 async def test_a_data_error_no_message_explains_is_permanent() -> None:
-    h = _harness({0: 0})
-    h.index.broken = _pg_error("22003")  # even the empty batch fails: a schema problem
+    h = harness({0: 0})
+    h.index.broken = pg_error("22003")  # even the empty batch fails: a schema problem
 
     with pytest.raises(PermanentError) as raised:
-        await flush(h.ctx, _batch({0: 0}, {0: [_event(), _event()]}))
+        await flush(h.ctx, make_batch({0: 0}, {0: [event(), event()]}))
 
     assert raised.value.kind is ErrorKind.DATA
     assert h.index.rows == {} and h.index.offsets == {0: 0} and h.letters.sent == []
 
 
 async def test_a_fatal_error_is_raised_at_once_without_retrying() -> None:
-    h = _harness({0: 0})
-    h.index.failures = [_pg_error("42P01")]  # undefined table
+    h = harness({0: 0})
+    h.index.failures = [pg_error("42P01")]  # undefined table
 
     with pytest.raises(PermanentError) as raised:
-        await flush(h.ctx, _batch({0: 0}, {0: [_event()]}))
+        await flush(h.ctx, make_batch({0: 0}, {0: [event()]}))
 
     assert raised.value.kind is ErrorKind.FATAL and raised.value.operation == "postgres"
     assert h.clock.slept == [] and h.index.offsets == {0: 0}
 
 
 async def test_events_the_horizon_passed_during_the_flush_are_expired() -> None:
-    h = _harness({0: 0})
-    old = [_event(started=NOW - timedelta(days=20)) for _ in range(3)]
-    fresh = [_event() for _ in range(3)]
+    h = harness({0: 0})
+    old = [event(started=NOW - timedelta(days=20)) for _ in range(3)]
+    fresh = [event() for _ in range(3)]
     h.index.locked_horizon = (NOW - timedelta(days=10)).date()  # maintain moved it after the early read
 
-    await flush(h.ctx, _batch({0: 0}, {0: [*old, *fresh]}))
+    await flush(h.ctx, make_batch({0: 0}, {0: [*old, *fresh]}))
 
-    assert set(h.index.rows) == _ids(fresh) and h.index.offsets == {0: 6}
+    assert set(h.index.rows) == ids(fresh) and h.index.offsets == {0: 6}
     assert sorted((m.message.offset, m.reason) for m in h.letters.sent) == [
         (0, "expired"),
         (1, "expired"),
@@ -347,16 +146,16 @@ async def test_events_the_horizon_passed_during_the_flush_are_expired() -> None:
 
 
 async def test_uploads_held_too_long_are_renewed_before_the_commit() -> None:
-    h = _harness({0: 0})
-    values = [_event() for _ in range(3)]
+    h = harness({0: 0})
+    values = [event() for _ in range(3)]
 
     async def long_outage() -> None:
         h.clock.now += flush_module.REUPLOAD_AFTER_S + 1  # the database was away for over an hour
 
-    h.index.failures = [_pg_error("08006")]
+    h.index.failures = [pg_error("08006")]
     h.ctx.retry.sleep = lambda seconds: long_outage()
 
-    await flush(h.ctx, _batch({0: 0}, {0: values}))
+    await flush(h.ctx, make_batch({0: 0}, {0: values}))
 
     puts = [key for name, key in h.log.calls if name == "put"]
     assert len(puts) == 2 and puts[0] != puts[1]  # the same object again, under a fresh key
@@ -365,9 +164,9 @@ async def test_uploads_held_too_long_are_renewed_before_the_commit() -> None:
 
 
 async def test_a_cancelled_flush_commits_nothing() -> None:
-    h = _harness({0: 0})
+    h = harness({0: 0})
     h.index.block = asyncio.Event()
-    task = asyncio.create_task(flush(h.ctx, _batch({0: 0}, {0: [_event()]})))
+    task = asyncio.create_task(flush(h.ctx, make_batch({0: 0}, {0: [event()]})))
     await asyncio.sleep(0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -378,9 +177,9 @@ async def test_a_cancelled_flush_commits_nothing() -> None:
 
 async def test_replaying_a_batch_after_a_crash_gives_the_same_verdicts() -> None:
     """Validation depends on the message and its record timestamp, never on when it is read."""
-    h = _harness({0: 0})
+    h = harness({0: 0})
     stamp = NOW_MS - 30 * 86_400_000
-    values = [_event(started=NOW - timedelta(days=100)), _event(started=NOW - timedelta(days=130))]
+    values = [event(started=NOW - timedelta(days=100)), event(started=NOW - timedelta(days=130))]
     for later in (NOW, NOW + timedelta(days=60)):
         buffer = BatchBuffer(BatchLimits(100, 10**9, 60.0))
         buffer.assign({0: 0})
@@ -388,3 +187,170 @@ async def test_replaying_a_batch_after_a_crash_gives_the_same_verdicts() -> None
         decoded = flush_module.decode(buffer.take().messages, h.ctx.policy, later, None)
         assert [(m.message.offset, m.reason) for m in decoded.letters] == [(1, "out_of_range_time")]
         assert len(decoded.valid) == 1
+
+
+# ---- the two halves, and pipelining: batch N+1 prepared while batch N commits -----------------
+
+
+async def test_prepare_writes_nothing_the_offsets_depend_on_and_commit_makes_it_durable() -> None:
+    h = harness({0: 0})
+    good = [event(), event()]
+    values: list[bytes | None] = [good[0], b"[]", good[1]]
+
+    prepared = await flush_module.prepare(h.ctx, make_batch({0: 0}, {0: values}))
+
+    assert h.log.names() == ["dead_letters", "put"] and h.index.begun == []
+    report = await flush_module.commit(h.ctx, prepared)
+    assert h.log.names()[2:] == ["commit", "kafka"]
+    assert set(h.index.rows) == ids(good) and h.index.offsets == {0: 3} and report.invalid == 1
+
+
+async def test_a_discarded_batch_counts_its_uploads_as_orphans_and_commits_nothing() -> None:
+    h = harness({0: 0})
+    prepared = await flush_module.prepare(h.ctx, make_batch({0: 0}, {0: [event(), event()]}))
+
+    flush_module.discard(h.ctx, prepared)
+
+    assert h.metric("omnilog_orphaned_uploads_total") == 1
+    assert h.index.begun == [] and h.index.offsets == {0: 0}
+
+
+def _consecutive(sizes: tuple[int, int]) -> tuple[list[Batch], list[list[bytes | None]]]:
+    """Two batches of partition 0 as the worker's buffer closes them: the second starts where the
+    first ends."""
+    buffer = BatchBuffer(BatchLimits(10_000, 10**9, 60.0))
+    buffer.assign({0: 0})
+    batches, values, offset = [], [], 0
+    for size in sizes:
+        batch_values: list[bytes | None] = [event() for _ in range(size)]
+        buffer.add(0, [Record(offset + i, v) for i, v in enumerate(batch_values)])
+        offset += size
+        batches.append(buffer.take())
+        values.append(batch_values)
+    return batches, values
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.001)
+
+
+async def _second_prepared_while_first_commits(
+    h: Harness,
+) -> tuple[FlushPipeline, list[Batch], list[list[bytes | None]]]:
+    """Batch N's transaction held open (h.index.block), batch N+1 started and uploaded meanwhile."""
+    (first, second), values = _consecutive((3, 4))
+    h.index.block = asyncio.Event()
+    pipeline = FlushPipeline(h.ctx)
+    pipeline.start(first)
+    assert not pipeline.has_room()  # N is preparing: N+1 waits to be taken
+    await _until(lambda: len(h.index.begun) == 1)  # N is in its transaction
+    assert pipeline.has_room()
+    pipeline.start(second)
+    assert not pipeline.has_room()  # one committing, one preparing: the pipeline is full
+    with pytest.raises(RuntimeError):
+        pipeline.start(first)
+    await _until(lambda: h.log.names().count("put") == 2)
+    return pipeline, [first, second], values
+
+
+async def test_the_next_batch_uploads_during_the_transaction_and_commits_after_it() -> None:
+    h = harness({0: 0})
+    pipeline, (first, second), values = await _second_prepared_while_first_commits(h)
+    await asyncio.sleep(0.01)
+    # N+1 uploaded while N's transaction is open, and did not ask for its own
+    assert "commit" not in h.log.names() and len(h.index.begun) == 1
+    assert pipeline.size_bytes == first.size_bytes + second.size_bytes
+
+    asyncio.get_running_loop().call_later(0.02, h.index.block.set)  # type: ignore[union-attr]
+    settled = await pipeline.settle(5.0)
+
+    assert [f.batch for f in settled] == [first, second] and all(f.committed for f in settled)
+    durable = [c for c in h.log.calls if c[0] in ("commit", "kafka")]
+    assert durable == [
+        ("commit", [(0, 0, 3)]),
+        ("kafka", [(0, 3)]),
+        ("commit", [(0, 3, 7)]),
+        ("kafka", [(0, 7)]),
+    ]
+    # N+1's transaction was asked for only once N's had committed (and its Kafka commit was done)
+    second_ranges, logged_before = h.index.begun[1]
+    assert second_ranges == [(0, 3, 7)] and h.log.calls[logged_before - 1] == ("kafka", [(0, 3)])
+    assert set(h.index.rows) == ids(values[0] + values[1]) and h.index.offsets == {0: 7}
+    assert len(pipeline) == 0 and pipeline.has_room()
+
+
+async def test_a_fenced_batch_takes_the_next_one_with_it() -> None:
+    h = harness({0: 0})
+    pipeline, (first, second), _ = await _second_prepared_while_first_commits(h)
+    # Another owner committed N's range: N is fenced, and N+1's compare-and-set *would* succeed.
+    h.index.offsets[0] = first.ranges[0].end
+    h.index.block.set()  # type: ignore[union-attr]
+
+    settled = await pipeline.settle(5.0)
+
+    assert [f.batch for f in settled] == [first, second]
+    assert isinstance(settled[0].task.exception(), Fenced)
+    assert settled[1].failed and not settled[1].committed
+    assert len(h.index.begun) == 1  # N+1 never asked for a transaction
+    assert h.index.rows == {} and h.index.offsets == {0: 3} and "kafka" not in h.log.names()
+    assert h.metric("omnilog_orphaned_uploads_total") == 2  # one object each, counted once
+
+
+async def test_taking_a_failed_batch_discards_the_one_still_preparing() -> None:
+    h = harness({0: 0})
+    (first, second), _ = _consecutive((2, 2))
+    h.index.block = asyncio.Event()
+    h.objects.block = asyncio.Event()
+    h.objects.block.set()
+    pipeline = FlushPipeline(h.ctx)
+    pipeline.start(first)
+    await _until(lambda: len(h.index.begun) == 1)
+    h.objects.block.clear()  # N+1's upload now hangs
+    pipeline.start(second)
+    h.index.failures = [pg_error("42P01")]  # N's transaction fails permanently
+    h.index.block.set()
+    taken: list[InFlight] = []
+    while not taken:
+        taken = await pipeline.take_finished()
+        await asyncio.sleep(0.001)
+
+    assert [f.batch for f in taken] == [first, second]
+    assert isinstance(taken[0].task.exception(), PermanentError) and taken[1].task.cancelled()
+    assert len(pipeline) == 0 and h.index.offsets == {0: 0} and len(h.index.begun) == 1
+
+
+async def test_a_batch_failing_while_preparing_lets_the_one_before_commit() -> None:
+    h = harness({0: 0})
+    h.ctx.dlq_limit = DeadLetterLimit(0.5, 1)
+    h.index.block = asyncio.Event()
+    (first,), _ = _consecutive((3,))
+    bad = make_batch({0: 3}, {0: [b"{oops"] * 3})  # every message invalid: the limit trips
+    pipeline = FlushPipeline(h.ctx)
+    pipeline.start(first)
+    await _until(lambda: len(h.index.begun) == 1)
+    pipeline.start(bad)
+    await pipeline.wait(2.0)
+    assert not pipeline.has_room()  # a failed batch must be taken before another starts
+    h.index.block.set()
+
+    settled = await pipeline.settle(5.0)
+
+    assert settled[0].committed and isinstance(settled[1].task.exception(), DeadLetterLimitExceeded)
+    assert h.index.offsets == {0: 3} and len(h.index.begun) == 1 and h.letters.sent == []
+
+
+async def test_a_revoke_with_two_in_flight_abandons_both_within_its_budget() -> None:
+    h = harness({0: 0})
+    pipeline, batches, _ = await _second_prepared_while_first_commits(h)
+    t0 = asyncio.get_running_loop().time()
+
+    settled = await pipeline.settle(0.05)
+
+    assert asyncio.get_running_loop().time() - t0 < 0.5
+    assert [f.batch for f in settled] == batches and all(f.task.cancelled() for f in settled)
+    assert h.index.rows == {} and h.index.offsets == {0: 0} and "kafka" not in h.log.names()
+    assert h.metric("omnilog_orphaned_uploads_total") == 2
+    assert len(pipeline) == 0 and pipeline.has_room()
