@@ -7,8 +7,11 @@ A registry is passed in so tests can hold several workers in one process.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Final
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 FLUSH_STAGES: Final = ("decode", "encode", "upload", "dlq", "postgres", "kafka_commit")
@@ -51,6 +54,35 @@ _CLOCK_SKEW_BUCKETS: Final = (
 )
 _SIZE_BUCKETS: Final = tuple(float(2**k) for k in range(10, 28, 2))  # 1 KiB .. 128 MiB
 _COUNT_BUCKETS: Final = (1, 10, 50, 100, 500, 1000, 2500, 5000, 10000, 25000, 50000)
+
+
+def observe_many(histogram: Histogram, values: Sequence[float] | np.ndarray) -> None:
+    """`histogram.observe(v)` for every value, as one count per bucket and one addition to the sum.
+
+    Per batch rather than per event: observing 5 000 freshness values one by one walks the buckets
+    and takes two locks per value. The bucket counts are those of `observe` (a value goes to the
+    first bound >= it; NaN to none); the sum is the same up to float rounding (one `math.fsum`
+    instead of one rounding per value). It reads prometheus_client's Histogram internals
+    (`_upper_bounds`, `_buckets`, `_sum`, stable since 0.4): when they are missing it falls back
+    to `observe` per value, and tests/unit/test_batch_report.py compares both on every release.
+    """
+    amounts = np.asarray(values, dtype=np.float64).ravel()
+    if amounts.size == 0:
+        return
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for amount in amounts.tolist():
+            histogram.observe(amount)
+        return
+    histogram._raise_if_not_observable()  # type: ignore[no-untyped-call]  # a labelled parent raises
+    # side="left": the first bound >= the value, as observe's `amount <= bound`; NaN sorts last.
+    counts = np.bincount(np.searchsorted(np.asarray(bounds), amounts, side="left"), minlength=len(bounds) + 1)
+    for bucket, count in zip(buckets, counts[: len(bounds)].tolist(), strict=True):
+        if count:
+            bucket.inc(count)
+    total.inc(math.fsum(amounts.tolist()))
 
 
 class WorkerMetrics:

@@ -1,18 +1,21 @@
-"""What a committed batch adds to the metrics and the log: per batch, never per event, except the
-freshness histogram (one observation per new event, the figure the freshness target is set on)
-and the clock-skew histogram (a bounded sample of each batch's new events)."""
+"""What a committed batch adds to the metrics and the log: per batch, never per event. The freshness
+histogram holds one observation per new event (the figure the freshness target is set on) and the
+clock-skew histogram a bounded sample of each batch's new events; both are added to their buckets
+once per batch (`observe_many`)."""
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Final
 
+import numpy as np
 from prometheus_client import Histogram
 
 from pipeline.contract import ValidEvent
-from pipeline.metrics import WorkerMetrics
+from pipeline.metrics import WorkerMetrics, observe_many
 from pipeline.processing.batch import Batch, Message
 from pipeline.processing.flush import FlushReport
 
@@ -43,20 +46,31 @@ def observe_clock_skew(
     stamps = {m.value: m.timestamp_ms for m in messages if m.timestamp_ms >= 0}
     ahead: Counter[str] = Counter()
     worst = 0.0
+    skews: list[float] = []
     for event in sample:
         stamp = stamps.get(event.line)
         if stamp is None:
             continue
         skew = event.started_at.timestamp() - stamp / 1000
-        histogram.observe(skew)
+        skews.append(skew)
         if skew > SKEW_LOG_THRESHOLD_S:
             ahead[event.client_id or "unknown"] += 1
             worst = max(worst, skew)
+    observe_many(histogram, skews)
     if ahead:
         log.warning(
             "events started after Kafka received them: a gateway clock is ahead",
             extra={"clients": dict(ahead.most_common(5)), "max_skew_s": round(worst, 3)},
         )
+
+
+def freshness_seconds(committed: datetime, events: Sequence[ValidEvent]) -> np.ndarray:
+    """``(committed - started_at).total_seconds()`` of every event, vectorised and equal to it:
+    both instants as whole microseconds (a float epoch times 1e6 is within 0.4 us of its integer
+    for any date before 2255), the difference divided once, correctly rounded as timedelta's."""
+    started_us = np.rint(np.array([e.started_at.timestamp() for e in events], dtype=np.float64) * 1e6)
+    committed_us = round(committed.timestamp() * 1e6)
+    return (committed_us - started_us.astype(np.int64)) / 1e6
 
 
 def record_batch(metrics: WorkerMetrics, batch: Batch, report: FlushReport) -> None:
@@ -75,10 +89,7 @@ def record_batch(metrics: WorkerMetrics, batch: Batch, report: FlushReport) -> N
     m.last_commit_timestamp.set(outcome.committed_at.timestamp())
     for stage, seconds in report.stage_seconds.items():
         m.flush_stage_duration.labels(stage).observe(seconds)
-    committed = outcome.committed_at
-    freshness = m.freshness
-    for event in outcome.new_events:
-        freshness.observe((committed - event.started_at).total_seconds())
+    observe_many(m.freshness, freshness_seconds(outcome.committed_at, outcome.new_events))
     observe_clock_skew(m.clock_skew, batch.messages, outcome.new_events)
     log.info(
         "batch committed",
