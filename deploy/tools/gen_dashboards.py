@@ -245,6 +245,69 @@ def _api_panels(lay: _Layout) -> None:
     )
 
 
+# `omnilog maintain`'s gauges, pushed to a Pushgateway under job="omnilog_maintain" (honor_labels):
+# scoped by namespace only, the $job variable lists the workers' jobs.
+_MAINTAIN_SEL = 'namespace=~"$namespace", job="omnilog_maintain"'
+
+
+def _maintenance_panels(lay: _Layout) -> None:
+    """What the last `omnilog maintain` runs deleted, how long they took, and when one last succeeded."""
+    lay.row("Maintenance (retention)")
+    lay.add(
+        _stat(
+            "Since the last successful maintain run",
+            _prom(f"time() - max(omnilog_maintain_last_success_timestamp_seconds{{{_MAINTAIN_SEL}}})", "age"),
+            "s",
+            "Runs are hourly; OmnilogMaintenanceStale fires past 26 h. Empty: nothing reports "
+            "(OmnilogMaintenanceNotReported).",
+            [(2 * 3600, "orange"), (26 * 3600, "red")],
+        ),
+        w=6,
+    )
+    lay.add(
+        _timeseries(
+            "Deleted by the last run (rows)",
+            [
+                _prom(
+                    f"max by (kind) (omnilog_maintain_last_run_deleted_rows{{{_MAINTAIN_SEL}}})",
+                    "{{kind}} rows",
+                ),
+                _prom(f"max(omnilog_maintain_last_run_deleted_objects{{{_MAINTAIN_SEL}}})", "objects"),
+            ],
+            "short",
+            "Index rows, raw usage rows and rollup rows past their retention, and objects, that the "
+            "last run deleted (per organization: retention_cleanup_logs).",
+            _PROM,
+        ),
+        w=6,
+    )
+    lay.add(
+        _timeseries(
+            "Deleted by the last run (bytes)",
+            [_prom(f"max(omnilog_maintain_last_run_deleted_bytes{{{_MAINTAIN_SEL}}})", "object bytes")],
+            "bytes",
+            "Bytes of the objects the last run deleted from object storage.",
+            _PROM,
+        ),
+        w=6,
+    )
+    lay.add(
+        _timeseries(
+            "Maintain run time and failures",
+            [
+                _prom(f"max(omnilog_maintain_last_run_duration_seconds{{{_MAINTAIN_SEL}}})", "run time"),
+                _prom(f"max(omnilog_maintain_last_run_failed{{{_MAINTAIN_SEL}}})", "last run failed"),
+                _prom(f"max(omnilog_maintain_failed_objects{{{_MAINTAIN_SEL}}})", "failed object deletes"),
+            ],
+            "short",
+            "Seconds the last run took (its expiry idles between pages on purpose), 1 when it failed, "
+            "and the objects whose delete failed (retried by the next run).",
+            _PROM,
+        ),
+        w=6,
+    )
+
+
 def pipeline_dashboard() -> Panel:
     lay = _Layout()
     lay.row("Now")
@@ -626,6 +689,7 @@ def pipeline_dashboard() -> Panel:
         w=8,
     )
     _api_panels(lay)
+    _maintenance_panels(lay)
     templating = [
         _datasource_var("prometheus", "Prometheus"),
         _query_var(
