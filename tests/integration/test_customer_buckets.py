@@ -382,6 +382,17 @@ async def test_the_api_reads_a_customer_bucket_with_the_profile_only(
     finally:
         await pool.close()
 
+    # The API role sees its own organization's bucket rows only (row security, migration 0011).
+    api = await asyncpg.connect(world.api_url)
+    try:
+        for org, expected in ((world.a.org, [customer_bucket]), (world.b.org, []), ("", [])):
+            async with api.transaction(readonly=True):
+                await api.execute("SELECT set_config('app.current_org', $1, true)", org)
+                seen = await api.fetch("SELECT bucket FROM organization_buckets")
+            assert [r["bucket"] for r in seen] == expected
+    finally:
+        await api.close()
+
     app = app_for(world, aws_secret_access_key=SecretStr("not-the-secret"))
     async with api_client(app) as client:
         for event_id, value in sent.items():
