@@ -259,8 +259,8 @@ def chart(result: dict[str, Any], path: Path) -> Path:
     ax.invert_yaxis()
     for i, (_, value, _) in enumerate(bars):
         ax.text(value * 1.05, i, f"{value:,.0f}", va="center", fontsize=8)
-    ax.axvline(30_000, color="#c0392b", linestyle="--", linewidth=1)
-    ax.text(30_000, -0.8, " target 30k/s", color="#c0392b", fontsize=8)
+    ax.axvline(25_000, color="#c0392b", linestyle="--", linewidth=1)
+    ax.text(25_000, -0.8, " target 25k/s", color="#c0392b", fontsize=8)
     f, m = s["freshness"], s["memory"]
     ax.set_xlabel("events per second (log scale)")
     ax.set_title(
