@@ -141,10 +141,13 @@ async def commit_batch(
     objects: Sequence[ObjectRecord],
     extensions: Sequence[BatchExtension] = (),
     lock_horizon: Callable[[Connection], Awaitable[date | None]] | None = None,
+    earliest_day: date | None = None,
 ) -> BatchOutcome:
     """Make one batch durable, or raise (Fenced, HorizonMoved, or the database error) with nothing
     written. `lock_horizon` reads the retention horizon and keeps `maintain` from moving it until
-    this transaction ends, so no row can land in a day partition that is being dropped."""
+    this transaction ends, so no row can land in a day partition that is being dropped.
+    `earliest_day` is the earliest started_at day of `indexed` when the caller already has the
+    batch's days (`PostgresIndexStore.commit` does): the events are then not scanned again."""
     async with conn.transaction():
         advanced = await conn.fetch(
             _ADVANCE_OFFSETS,
@@ -159,7 +162,9 @@ async def commit_batch(
             raise Fenced(sorted(moved))
         if lock_horizon is not None and indexed:
             horizon = await lock_horizon(conn)
-            if horizon is not None and min(i.event.started_at.date() for i in indexed) < horizon:
+            if earliest_day is None:
+                earliest_day = min(i.event.started_at.date() for i in indexed)
+            if horizon is not None and earliest_day < horizon:
                 raise HorizonMoved(horizon)
         new_events: list[ValidEvent] = []
         if indexed:
@@ -230,6 +235,7 @@ class PostgresIndexStore:
                     objects=objects,
                     extensions=self.extensions,
                     lock_horizon=self.horizon.lock if self.horizon is not None and check_horizon else None,
+                    earliest_day=min(days) if days else None,
                 )
 
             if not rollback:
