@@ -1,6 +1,7 @@
 """Micro-benchmark of `pipeline.sketch.QuantileSketch` against the `ddsketch` PyPI package.
 
     .venv/bin/python bench/sketch_speed.py [--values 5000] [--parts 24] [--repeat 7]
+        [--baseline OLD_SKETCH_PY]
 
 Measures, on realistic integer durations (lognormal, median ~55 ms, 0 ms in 1 %):
 - add: one batch of ``--values`` durations into a fresh sketch (numpy array and Python list input);
@@ -9,7 +10,12 @@ Measures, on realistic integer durations (lognormal, median ~55 ms, 0 ms in 1 %)
 - p50/p95/p99 of the merged sketch;
 - encoded sizes for several shapes, with the bucket layouts the encoder chooses between and a
   fixed-width alternative, next to the ddsketch protobuf size;
-- the largest relative error of the lower quantiles {0, .01, .25, .5, .9, .95, .99, 1} for both.
+- the largest relative error of the lower quantiles {0, .01, .25, .5, .9, .95, .99, 1} for both;
+- small sketches, as a batch's deltas hold them (one value at the median): encode, decode and merge
+  of 1-, 3- and 40-value sketches, and building one sketch per group of a batch one by one
+  (`from_values`) or in one pass (`grouped_sketches`). With ``--baseline`` (a copy of an older
+  pipeline/sketch.py, e.g. ``git show REV:pipeline/sketch.py > /tmp/old_sketch.py``) the same rows
+  are timed for that version too, in the same process, alternating old and new every round.
 
 ``ddsketch`` (and ``protobuf`` for its encoding) are not project dependencies; install them into the
 virtualenv to get the comparison columns (``.venv/bin/pip install ddsketch protobuf``). Prints the
@@ -21,15 +27,22 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import importlib.util
+import itertools
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from pipeline.sketch import DEFAULT_ALPHA, MAX_BINS, QuantileSketch, merge_all
+from pipeline import sketch as current
+from pipeline.sketch import DEFAULT_ALPHA, MAX_BINS, QuantileSketch, grouped_sketches, merge_all
 
 ALPHA = DEFAULT_ALPHA  # --alpha replaces it
 QS = (0.0, 0.01, 0.25, 0.5, 0.9, 0.95, 0.99, 1.0)
@@ -70,6 +83,85 @@ def timed(fn: Callable[[], object], repeat: int, number: int) -> tuple[float, fl
         if gc_was_enabled:
             gc.enable()
     return min(runs), statistics.median(runs)
+
+
+def load_baseline(path: Path) -> ModuleType:
+    """An older pipeline/sketch.py, imported under its own name next to the current one."""
+    spec = importlib.util.spec_from_file_location("baseline_sketch", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["baseline_sketch"] = module  # dataclasses and slots look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def interleaved(fns: list[Callable[[], object]], repeat: int, number: int) -> list[float]:
+    """Median µs per call of each function, timed in alternating order every round."""
+    runs: list[list[float]] = [[] for _ in fns]
+    for fn in fns:
+        fn()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for round_ in range(repeat):
+            order = list(range(len(fns)))
+            if round_ % 2:
+                order.reverse()
+            for i in order:
+                start = time.perf_counter()
+                for _ in range(number):
+                    fns[i]()
+                runs[i].append((time.perf_counter() - start) / number * 1e6)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return [statistics.median(r) for r in runs]
+
+
+def small_sketches(rng: np.random.Generator, values: int, repeat: int, baseline: ModuleType | None) -> None:
+    """The sketches of a batch's deltas: tiny, built per group, encoded once, decoded by the merger."""
+    modules = [current] if baseline is None else [baseline, current]
+    names = ["current"] if baseline is None else ["baseline", "current"]
+    print(f"\nsmall sketches (µs per operation, median of {repeat} interleaved rounds)")
+    print("| operation | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for size in (1, 3, 40):
+        data = durations(rng, size).astype(np.float64)
+        other = durations(rng, 3).astype(np.float64)
+        sketches = [m.QuantileSketch.from_values(data, ALPHA) for m in modules]
+        others = [m.QuantileSketch.from_values(other, ALPHA) for m in modules]
+        blobs = [s.to_bytes() for s in sketches]
+        if len(set(blobs)) != 1:
+            raise SystemExit("the two versions encode differently")
+        cases: list[tuple[str, list[Callable[[], object]]]] = [
+            (f"encode, {size} value(s)", [s.to_bytes for s in sketches]),
+            (
+                f"decode, {size} value(s)",
+                [partial(m.QuantileSketch.from_bytes, b) for m, b in zip(modules, blobs, strict=True)],
+            ),
+            (
+                f"merge 3 values into {size}",
+                [partial(s.merged, o) for s, o in zip(sketches, others, strict=True)],
+            ),
+        ]
+        for label, fns in cases:
+            medians = interleaved(fns, repeat, 2000)
+            print(f"| {label} | " + " | ".join(f"{m:.2f}" for m in medians) + " |")
+    # A batch's groups: most hold one value (geometric sizes, mean 2).
+    sizes = rng.geometric(0.5, values)
+    sizes = sizes[: int(np.searchsorted(np.cumsum(sizes), values)) + 1]
+    batch = durations(rng, int(sizes.sum())).astype(np.float64)
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    bounds = [*starts.tolist(), batch.size]
+    runs = [batch[a:b] for a, b in itertools.pairwise(bounds)]
+    one_by_one = [lambda m=m: [m.QuantileSketch.from_values(r, ALPHA) for r in runs] for m in modules]
+    per_group = interleaved([*one_by_one, lambda: grouped_sketches(batch, starts, ALPHA)], repeat, 3)
+    row_values = [f"{t / len(runs):.2f}" for t in per_group[: len(modules)]]
+    print(f"| build {len(runs)} group sketches one by one, per sketch | " + " | ".join(row_values) + " |")
+    padding = "| " * (len(modules) - 1)
+    one_pass = per_group[-1] / len(runs)
+    print(f"| build them in one pass (grouped_sketches), per sketch | {padding}{one_pass:.2f} |")
 
 
 def varint_size(values: np.ndarray) -> int:
@@ -134,6 +226,8 @@ def main() -> None:
     parser.add_argument("--parts", type=int, default=24, help="encoded parts merged per fold")
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--seed", type=int, default=20261123)
+    parser.add_argument("--baseline", type=Path, help="an older pipeline/sketch.py to compare with")
+    parser.add_argument("--small-only", action="store_true", help="only the small-sketch rows")
     parser.add_argument(
         "--alpha", type=float, default=DEFAULT_ALPHA, help="relative accuracy of both sketches"
     )
@@ -149,7 +243,11 @@ def main() -> None:
     have_dd = dd is not None
     have_pb = dd_proto is not None
     print(f"python {platform.python_version()}, numpy {np.__version__}, {platform.machine()}")
-    print(f"alpha {ALPHA}, {args.values} values per batch, {args.parts} parts; µs best / median\n")
+    baseline = load_baseline(args.baseline) if args.baseline else None
+    small_sketches(np.random.default_rng(args.seed), args.values, args.repeat, baseline)
+    if args.small_only:
+        return
+    print(f"\nalpha {ALPHA}, {args.values} values per batch, {args.parts} parts; µs best / median\n")
 
     print("| operation | pipeline.sketch | ddsketch | ratio |")
     print("|---|---|---|---|")
@@ -196,7 +294,7 @@ def main() -> None:
         )
     )
     merged = merge_all(ours_sketches, ALPHA)
-    dd_merged = dd.DDSketch(ALPHA)
+    dd_merged: Any = dd.DDSketch(ALPHA) if have_dd else None  # ddsketch is optional
     for sketch in dd_sketches:
         dd_merged.merge(sketch)
     print(
