@@ -212,8 +212,9 @@ def _statements_table(label: str, r: dict[str, Any]) -> list[str]:
     st = r.get("statements", {})
     if not st.get("available"):
         return [f"Statements, {label}: unavailable ({st.get('reason', 'not measured')})."]
+    until = "aggregates caught up" if "aggregates" in r.get("cpu", {}) else "index caught up"
     lines = [
-        f"Statements, {label} (pg_stat_statements, first consume → aggregates caught up): "
+        f"Statements, {label} (pg_stat_statements, first consume → {until}): "
         f"{st['total_ms']:,.0f} ms in total, {_num(st['total_us_per_event'])} µs/event.",
         "",
         "| statement | by | calls | rows | total ms | share | µs/row | µs/event |",

@@ -18,8 +18,8 @@ import asyncpg
 
 HARNESS_TAG = "/* bench-harness */"
 
-_READ = """
-SELECT s.query, s.calls, s.rows, s.total_exec_time + s.total_plan_time AS total_ms,
+_READ = f"""
+{HARNESS_TAG} SELECT s.query, s.calls, s.rows, s.total_exec_time + s.total_plan_time AS total_ms,
        s.shared_blks_hit, s.shared_blks_read, s.blk_read_time + s.blk_write_time AS io_ms
 FROM pg_stat_statements s
 JOIN pg_database d ON d.oid = s.dbid
@@ -39,8 +39,10 @@ async def prepare(conn: asyncpg.Connection) -> str | None:
 
 async def reset(conn: asyncpg.Connection) -> None:
     """Zero the counters of this database (every user, every query)."""
-    dbid = await conn.fetchval("SELECT oid FROM pg_database WHERE datname = current_database()")
-    await conn.execute("SELECT pg_stat_statements_reset(0, $1::oid, 0)", dbid)
+    dbid = await conn.fetchval(
+        f"{HARNESS_TAG} SELECT oid FROM pg_database WHERE datname = current_database()"
+    )
+    await conn.execute(f"{HARNESS_TAG} SELECT pg_stat_statements_reset(0, $1::oid, 0)", dbid)
 
 
 async def read(conn: asyncpg.Connection) -> list[dict[str, Any]]:
