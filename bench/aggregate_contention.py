@@ -30,6 +30,12 @@ visible in log_aggregates.
 ``--isolation-cost`` times merge passes over `--batch` log keys with deltas, clean and with one
 key whose delta's sketch is corrupt (the pass bisects down to it, isolates it and folds the rest).
 
+``--extension-rate`` times every batch extension's ``write`` (usage rows and aggregate deltas, as
+`bench.harness.aggregates_stage.extension_rate` does) over `--batches` load-generator batches of
+`--batch` events, one writer, and reports µs per event: wall time and this process's CPU (the
+worker's share; PostgreSQL's is not in it). To compare with an older revision in alternating runs,
+run this script with ``PYTHONPATH`` set to a worktree of that revision (its sinks are then used).
+
 A scratch database is created next to the given one and dropped at the end.
 """
 
@@ -52,10 +58,12 @@ import asyncpg
 import orjson
 from prometheus_client import CollectorRegistry
 
+from bench.harness import ceilings, traffic
 from pipeline.contract import ValidationPolicy, ValidEvent, validate_event
 from pipeline.metrics import WorkerMetrics
 from pipeline.sketch import QuantileSketch
 from sinks.aggregate_parts import LOG_DELTAS, Acc, AggregateDeltasWriter, PartKey, insert_deltas, log_parts
+from sinks.aggregates import build_extensions
 from sinks.merger import (
     MergerLoop,
     MergerThread,
@@ -495,6 +503,40 @@ async def isolation_cost(admin_url: str, keys: int, repeats: int) -> dict[str, A
         await admin.close()
 
 
+async def extension_rate(admin_url: str, batches: int, size: int) -> dict[str, Any]:
+    """µs/event (wall and process CPU) of the batch extensions, median over the batches after a
+    first warm-up batch; every batch is fresh load-generator traffic (new users and sessions)."""
+    admin, name, url = await _scratch(admin_url, "bench_ext")
+    try:
+        await migrate(url)
+        chunks = [ceilings.validated(traffic.values(size, seed=10 + b)) for b in range(batches + 1)]
+        conn = await asyncpg.connect(url)
+        try:
+            for table in ("usage_events", "mcp_usage"):
+                await ensure_day_partitions(conn, table, {e.started_at.date() for c in chunks for e in c})
+            extensions = build_extensions()
+            wall: list[float] = []
+            cpu: list[float] = []
+            for chunk in chunks:
+                started, cpu_started = time.perf_counter(), time.process_time()
+                async with conn.transaction():
+                    for extension in extensions:
+                        await extension.write(conn, chunk, 0)
+                wall.append((time.perf_counter() - started) / len(chunk) * 1e6)
+                cpu.append((time.process_time() - cpu_started) / len(chunk) * 1e6)
+        finally:
+            await conn.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+    return {
+        "batches": batches,
+        "batch": size,
+        "us_per_event_wall": round(statistics.median(wall[1:]), 1),
+        "us_per_event_cpu": round(statistics.median(cpu[1:]), 1),
+    }
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--database-url", default=os.environ.get("OMNILOG_DATABASE_URL"))
@@ -513,9 +555,15 @@ async def main() -> None:
     parser.add_argument(
         "--isolation-cost", action="store_true", help="time merge passes with one key to isolate"
     )
+    parser.add_argument(
+        "--extension-rate", action="store_true", help="µs/event of the batch extensions (wall and CPU)"
+    )
     args = parser.parse_args()
     if not args.database_url:
         parser.error("--database-url or OMNILOG_DATABASE_URL is required")
+    if args.extension_rate:
+        print(json.dumps(await extension_rate(args.database_url, args.batches, args.batch)), flush=True)
+        return
     if args.isolation_cost:
         print(json.dumps(await isolation_cost(args.database_url, args.batch, args.batches)), flush=True)
         return
