@@ -1,94 +1,127 @@
-"""Micro-benchmark of `pipeline.contract.validate_event` on realistic ~750-byte gateway events.
+"""A/B micro-benchmark of `validate_event`: the validator before and after remembered ids.
 
-    .venv/bin/python bench/validate_speed.py [--events 20000] [--repeat 7]
+    .venv/bin/python bench/validate_speed.py [--events 20000] [--rounds 9] [--traffic all]
 
-Builds a pool of distinct events (MCP tool calls and LLM calls, with request/response bodies,
-about 1 in 10 IPv6 and 1 in 50 pretty-printed), then validates the whole pool `--repeat` times
-with one clock reading per pool, as the ingest worker does per batch, and prints the best and
-median µs per event next to a bare `orjson.loads` of the same values (the floor).
+"before" is the validator as it was before ids and addresses were remembered across events, kept
+as the test oracle (tests/unit/contract/legacy_validate.py); "after" is `validate_event`. Both run
+in one process, alternating round by round, so a busy machine slows both alike; each round
+validates the whole pool once, with one clock reading, as the ingest worker does per batch. Times
+are CPU time of this process (`time.process_time`), which other processes on a shared machine
+disturb less than wall time. Printed: the median and best µs per message of each, and a bare
+`orjson.loads` of the same values (the floor of both). Before timing, every message must get the
+same verdict from both.
+
+Traffic:
+- `loadgen`: valid events of `pipeline.devtools.loadgen` (about 825 bytes, MCP and LLM bodies);
+- `hostile`: the same generator with half of the messages broken, one of each invalid kind
+  (not JSON, not UTF-8, a bad UUID, a negative counter...), plus 1 in 20 random bytes;
+- `fresh`: valid events whose every id and address is new (a worst case: nothing recurs).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import random
 import statistics
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from importlib import util
+from pathlib import Path
 
 import orjson
 
-from pipeline.contract import InvalidEvent, ValidationPolicy, validate_event
+from pipeline.contract import ValidationPolicy, validate_event
+from pipeline.devtools.loadgen.generator import LoadConfig, generate
 
-_METHODS = ("tools/call", "tools/list", "resources/read", "prompts/get", "initialize")
-_MODELS = ("gpt-4o-mini", "claude-3-5-sonnet", "llama-3.1-70b")
-_TOOLS = ("search_docs", "run_query", "fetch_url", "create_ticket")
+_ORACLE = Path(__file__).resolve().parents[1] / "tests" / "unit" / "contract" / "legacy_validate.py"
 
-
-def _uuid7ish(rng: random.Random) -> str:
-    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+POLICY = ValidationPolicy(max_age=timedelta(days=90), max_future_skew=timedelta(hours=1))
 
 
-def make_event(rng: random.Random, now: datetime) -> bytes:
-    started = now - timedelta(seconds=rng.uniform(0, 3600))
-    method = rng.choice(_METHODS)
-    status = rng.choices((200, 400, 429, 500), weights=(90, 4, 3, 3))[0]
-    event: dict[str, object] = {
-        "event_id": _uuid7ish(rng),
-        "organization_id": _uuid7ish(rng),
-        "started_at": started.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        "duration_ms": rng.randint(1, 5000),
-        "server_id": _uuid7ish(rng),
-        "session_id": _uuid7ish(rng) if rng.random() < 0.6 else None,
-        "rpc_method": method,
-        "level": "error" if status >= 500 else "info",
-        "status_code": status,
-        "bytes_in": rng.randint(100, 4000),
-        "bytes_out": rng.randint(100, 20000),
-        "user_id": f"user-{rng.randint(1, 5000)}",
-        "remote_ip": (
-            f"2001:db8::{rng.randint(1, 0xFFFF):x}:{rng.randint(1, 0xFFFF):x}"
-            if rng.random() < 0.1
-            else f"10.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
-        ),
-        "request": {
-            "jsonrpc": "2.0",
-            "id": rng.randint(1, 10**6),
-            "method": method,
-            "params": {"name": rng.choice(_TOOLS), "arguments": {"query": "x" * rng.randint(0, 10)}},
-        },
-        "response": {
-            "jsonrpc": "2.0",
-            "result": {"content": [{"type": "text", "text": "y" * rng.randint(0, 30)}]},
-        },
-        "headers": {"user-agent": "omnimesh-gateway/1.4"},
-    }
-    if rng.random() < 0.5:
-        event.update(
-            project_id=_uuid7ish(rng),
-            model=rng.choice(_MODELS),
-            event_type="api_call",
-            status="success" if status < 400 else "error",
-            input_tokens=rng.randint(10, 4000),
-            output_tokens=rng.randint(10, 2000),
-            cost_cents=rng.randint(0, 50),
-        )
-    else:
-        event.update(mcp_tool_name=rng.choice(_TOOLS), client_id=_uuid7ish(rng))
-    option = orjson.OPT_INDENT_2 if rng.random() < 0.02 else 0
-    return orjson.dumps(event, option=option)
+def loadgen_traffic(count: int, now: datetime, invalid_fraction: float = 0.0) -> list[bytes]:
+    config = LoadConfig(count=count, seed=1, base_time=now, invalid_fraction=invalid_fraction)
+    return [message.value for message in generate(config)]
 
 
-def _time_per_item(run: Callable[[], None], items: int, repeat: int) -> list[float]:
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        samples.append((time.perf_counter() - start) / items * 1e6)
-    return samples
+def hostile_traffic(count: int, now: datetime) -> list[bytes]:
+    rng = random.Random(2)
+    values = loadgen_traffic(count, now, invalid_fraction=0.5)
+    return [rng.randbytes(rng.randint(0, 900)) if rng.random() < 0.05 else v for v in values]
+
+
+def fresh_traffic(count: int, now: datetime) -> list[bytes]:
+    rng = random.Random(3)
+    out = []
+    for value in loadgen_traffic(count, now):
+        event = orjson.loads(value)
+        for name in ("organization_id", "server_id", "session_id", "client_id", "project_id"):
+            if name in event:
+                event[name] = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        event["remote_ip"] = f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(256)}"
+        out.append(orjson.dumps(event))
+    return out
+
+
+def _load_oracle() -> Callable[[bytes | None, datetime, ValidationPolicy], object]:
+    spec = util.spec_from_file_location("legacy_validate", _ORACLE)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot load {_ORACLE}")
+    module = util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    validate: Callable[[bytes | None, datetime, ValidationPolicy], object] = module.validate_event
+    return validate
+
+
+def _verdict(result: object) -> object:
+    return getattr(result, "reason", None) or getattr(result, "event_id", None)
+
+
+def compare(
+    name: str,
+    values: Sequence[bytes],
+    now: datetime,
+    rounds: int,
+    before: Callable[[bytes | None, datetime, ValidationPolicy], object],
+) -> None:
+    # The same verdict on every message first: a faster validator that disagrees is no result.
+    for value in values:
+        old, new = before(value, now, POLICY), validate_event(value, now, POLICY)
+        if _verdict(old) != _verdict(new):
+            raise SystemExit(f"{name}: verdicts differ on {value[:120]!r}: {old} / {new}")
+
+    def run(validate: Callable[[bytes | None, datetime, ValidationPolicy], object]) -> Callable[[], None]:
+        def all_values() -> None:
+            for value in values:
+                validate(value, now, POLICY)
+
+        return all_values
+
+    def decode_all() -> None:
+        for value in values:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                orjson.loads(value)
+
+    contestants = {"before": run(before), "after (validate_event)": run(validate_event)}
+    contestants["orjson.loads alone"] = decode_all
+    samples: dict[str, list[float]] = {label: [] for label in contestants}
+    gc.collect()
+    for _ in range(rounds):
+        for label, runner in contestants.items():
+            start = time.process_time()
+            runner()
+            samples[label].append((time.process_time() - start) / len(values) * 1e6)
+    sizes = [len(v) for v in values]
+    print(
+        f"{name}: {len(values)} messages, mean {statistics.fmean(sizes):.0f} B, {rounds} rounds interleaved"
+    )
+    for label, times in samples.items():
+        print(f"  {label:24s} median {statistics.median(times):6.2f} µs/msg   best {min(times):6.2f}")
+    ratio = statistics.median(samples["before"]) / statistics.median(samples["after (validate_event)"])
+    print(f"  speed-up (median): x{ratio:.2f}")
 
 
 def main() -> None:
@@ -96,38 +129,20 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--events", type=int, default=20_000)
-    parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--traffic", choices=("loadgen", "hostile", "fresh", "all"), default="all")
     args = parser.parse_args()
 
     now = datetime.now(UTC)
-    rng = random.Random(args.seed)
-    values = [make_event(rng, now) for _ in range(args.events)]
-    policy = ValidationPolicy(max_age=timedelta(days=90), max_future_skew=timedelta(hours=1))
-    sizes = [len(v) for v in values]
-    invalid = [r for r in (validate_event(v, now, policy) for v in values) if isinstance(r, InvalidEvent)]
-    if invalid:
-        raise SystemExit(f"benchmark events must be valid, got {invalid[0]}")
-
-    def validate_all() -> None:
-        for value in values:
-            validate_event(value, now, policy)
-
-    def decode_all() -> None:
-        for value in values:
-            orjson.loads(value)
-
-    # Results are discarded at once, so GC pauses are not what is measured here (the worker's
-    # batch-level GC policy is its own concern).
-    gc.collect()
-    validate = _time_per_item(validate_all, len(values), args.repeat)
-    decode = _time_per_item(decode_all, len(values), args.repeat)
-    print(
-        f"{len(values)} events, mean {statistics.fmean(sizes):.0f} B "
-        f"(min {min(sizes)}, max {max(sizes)}), best of {args.repeat} runs"
-    )
-    print(f"validate_event: best {min(validate):.2f} µs/event, median {statistics.median(validate):.2f}")
-    print(f"orjson.loads  : best {min(decode):.2f} µs/event, median {statistics.median(decode):.2f}")
+    traffic: dict[str, Callable[[], list[bytes]]] = {
+        "loadgen": lambda: loadgen_traffic(args.events, now),
+        "hostile": lambda: hostile_traffic(args.events, now),
+        "fresh": lambda: fresh_traffic(args.events, now),
+    }
+    before = _load_oracle()
+    for name, build in traffic.items():
+        if args.traffic in (name, "all"):
+            compare(name, build(), now, args.rounds, before)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 `validate_event` runs once per consumed message, so it is written for speed: one orjson decode,
 precompiled patterns, no exception raised on the happy path (invalid values leave through a private
-exception, which costs nothing until raised), and `ipaddress` only for IPv6 literals.
+exception, which costs nothing until raised), `ipaddress` only for IPv6 literals, and the ids and
+addresses that recur from event to event (an organization's, a server's, a session's, a user's) are
+remembered once accepted, so each is checked once rather than once per event.
 
 Decisions beyond the contract table (the field table `pipeline.contract.fields` holds the bounds and
 enumerations, and the JSON Schema generated from it says the same):
@@ -57,6 +59,14 @@ __all__ = ["InvalidEvent", "InvalidReason", "ValidEvent", "ValidationPolicy", "v
 _LEVELS: Final = frozenset(LEVELS)
 _EVENT_TYPES: Final = frozenset(EVENT_TYPES)
 _STATUSES: Final = frozenset(STATUSES)
+
+# Canonical UUID texts (of every UUID field but event_id, which never recurs) and remote_ip literals
+# already accepted: a set lookup (~60 ns) instead of a pattern match (~300 ns) or, for IPv6,
+# `ipaddress` (~3 µs). Only values that passed the full check are added, so a hit gives the same
+# verdict and the same value. Cleared when full: a few MB at most, whatever the traffic.
+_KNOWN_IDS: Final[set[str]] = set()
+_KNOWN_IPS: Final[set[str]] = set()
+_KNOWN_MAX: Final = 16_384
 
 
 @dataclass(slots=True, kw_only=True)
@@ -152,6 +162,25 @@ def _window_for(now: datetime, policy: ValidationPolicy) -> tuple[datetime, date
     return low, high
 
 
+def _entity_id(name: str, value: object) -> str:
+    """A UUID field's value not seen yet: lower-cased or rejected; remembered if canonical."""
+    if type(value) is not str or LOWER_UUID_MATCH(value) is None:
+        return rules.uuid_text(name, value)
+    if len(_KNOWN_IDS) >= _KNOWN_MAX:
+        _KNOWN_IDS.clear()
+    _KNOWN_IDS.add(value)
+    return value
+
+
+def _remote_ip(value: object) -> str:
+    """A remote_ip not seen yet: an IPv4 or IPv6 literal, or rejected; remembered if accepted."""
+    address = value if type(value) is str and IPV4_MATCH(value) is not None else rules.ip_text(value)
+    if len(_KNOWN_IPS) >= _KNOWN_MAX:
+        _KNOWN_IPS.clear()
+    _KNOWN_IPS.add(address)
+    return address
+
+
 def _decode_failure(value: bytes, exc: orjson.JSONDecodeError) -> InvalidEvent:
     try:
         value.decode("utf-8")
@@ -207,8 +236,8 @@ def _event(obj: dict[str, Any], value: bytes, now: datetime, policy: ValidationP
     organization_id = get("organization_id")
     if organization_id is None:
         rules.missing("organization_id")
-    if type(organization_id) is not str or LOWER_UUID_MATCH(organization_id) is None:
-        organization_id = rules.uuid_text("organization_id", organization_id)
+    if type(organization_id) is not str or organization_id not in _KNOWN_IDS:
+        organization_id = _entity_id("organization_id", organization_id)
     started_at = rules.timestamp(get("started_at"))
     duration_ms = get("duration_ms")
     if duration_ms is None:
@@ -217,16 +246,16 @@ def _event(obj: dict[str, Any], value: bytes, now: datetime, policy: ValidationP
         duration_ms = rules.integer("duration_ms", duration_ms, 0, INT32_MAX)
 
     server_id = get("server_id")
-    if server_id is not None and (type(server_id) is not str or LOWER_UUID_MATCH(server_id) is None):
-        server_id = rules.uuid_text("server_id", server_id)
+    if server_id is not None and (type(server_id) is not str or server_id not in _KNOWN_IDS):
+        server_id = _entity_id("server_id", server_id)
     session_id = get("session_id")
-    if session_id is not None and (type(session_id) is not str or LOWER_UUID_MATCH(session_id) is None):
-        session_id = rules.uuid_text("session_id", session_id)
+    if session_id is not None and (type(session_id) is not str or session_id not in _KNOWN_IDS):
+        session_id = _entity_id("session_id", session_id)
     virtual_server_id = get("virtual_server_id")
     if virtual_server_id is not None and (
-        type(virtual_server_id) is not str or LOWER_UUID_MATCH(virtual_server_id) is None
+        type(virtual_server_id) is not str or virtual_server_id not in _KNOWN_IDS
     ):
-        virtual_server_id = rules.uuid_text("virtual_server_id", virtual_server_id)
+        virtual_server_id = _entity_id("virtual_server_id", virtual_server_id)
     rpc_method = get("rpc_method")
     if rpc_method is not None and (
         type(rpc_method) is not str or len(rpc_method) > RPC_METHOD_MAX or "\x00" in rpc_method
@@ -261,22 +290,20 @@ def _event(obj: dict[str, Any], value: bytes, now: datetime, policy: ValidationP
     if user_id is not None and (type(user_id) is not str or len(user_id) > USER_ID_MAX or "\x00" in user_id):
         rules.bad_text("user_id", user_id, USER_ID_MAX)
     remote_ip = get("remote_ip")
-    if remote_ip is not None and (type(remote_ip) is not str or IPV4_MATCH(remote_ip) is None):
-        remote_ip = rules.ip_text(remote_ip)
+    if remote_ip is not None and (type(remote_ip) is not str or remote_ip not in _KNOWN_IPS):
+        remote_ip = _remote_ip(remote_ip)
     client_id = get("client_id")
-    if client_id is not None and (type(client_id) is not str or LOWER_UUID_MATCH(client_id) is None):
-        client_id = rules.uuid_text("client_id", client_id)
+    if client_id is not None and (type(client_id) is not str or client_id not in _KNOWN_IDS):
+        client_id = _entity_id("client_id", client_id)
     connection_id = get("connection_id")
-    if connection_id is not None and (
-        type(connection_id) is not str or LOWER_UUID_MATCH(connection_id) is None
-    ):
-        connection_id = rules.uuid_text("connection_id", connection_id)
+    if connection_id is not None and (type(connection_id) is not str or connection_id not in _KNOWN_IDS):
+        connection_id = _entity_id("connection_id", connection_id)
     project_id = get("project_id")
-    if project_id is not None and (type(project_id) is not str or LOWER_UUID_MATCH(project_id) is None):
-        project_id = rules.uuid_text("project_id", project_id)
+    if project_id is not None and (type(project_id) is not str or project_id not in _KNOWN_IDS):
+        project_id = _entity_id("project_id", project_id)
     api_key_id = get("api_key_id")
-    if api_key_id is not None and (type(api_key_id) is not str or LOWER_UUID_MATCH(api_key_id) is None):
-        api_key_id = rules.uuid_text("api_key_id", api_key_id)
+    if api_key_id is not None and (type(api_key_id) is not str or api_key_id not in _KNOWN_IDS):
+        api_key_id = _entity_id("api_key_id", api_key_id)
     model = get("model")
     if model is not None and (type(model) is not str or len(model) > MODEL_MAX or "\x00" in model):
         rules.bad_text("model", model, MODEL_MAX)
