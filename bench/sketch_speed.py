@@ -97,7 +97,8 @@ def load_baseline(path: Path) -> ModuleType:
 
 
 def interleaved(fns: list[Callable[[], object]], repeat: int, number: int) -> list[float]:
-    """Median µs per call of each function, timed in alternating order every round."""
+    """Median µs per call of each function, timed in alternating order every round. CPU time of
+    this process, not wall time: on a shared machine a wall clock also counts the time others ran."""
     runs: list[list[float]] = [[] for _ in fns]
     for fn in fns:
         fn()
@@ -109,10 +110,10 @@ def interleaved(fns: list[Callable[[], object]], repeat: int, number: int) -> li
             if round_ % 2:
                 order.reverse()
             for i in order:
-                start = time.perf_counter()
+                start = time.process_time()
                 for _ in range(number):
                     fns[i]()
-                runs[i].append((time.perf_counter() - start) / number * 1e6)
+                runs[i].append((time.process_time() - start) / number * 1e6)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -123,7 +124,7 @@ def small_sketches(rng: np.random.Generator, values: int, repeat: int, baseline:
     """The sketches of a batch's deltas: tiny, built per group, encoded once, decoded by the merger."""
     modules = [current] if baseline is None else [baseline, current]
     names = ["current"] if baseline is None else ["baseline", "current"]
-    print(f"\nsmall sketches (µs per operation, median of {repeat} interleaved rounds)")
+    print(f"\nsmall sketches (CPU µs per operation, median of {repeat} interleaved rounds)")
     print("| operation | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
     for size in (1, 3, 40):
