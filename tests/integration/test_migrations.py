@@ -8,12 +8,15 @@ import os
 import shutil
 import sys
 import time
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from sinks.migrate import MIGRATIONS_DIR, MigrationError, migrate
+from sinks.partitions import create_ahead
 from sinks.timescale import Backend
 
 pytestmark = pytest.mark.integration
@@ -288,7 +291,8 @@ SEED_TRIGGERS = {
     ("log_aggregates", "log_aggregates_updated_at"),
 }
 # Every seed index except those docs/schema.md drops with a reason (the NOW()-predicate cleanup
-# indexes, and the log_index ones not worth their insert cost).
+# indexes, the log_index ones not worth their insert cost, and the usage tables' that no query
+# reads: migration 0012).
 SEED_INDEXES = {
     "idx_health_checks_server_time",
     "idx_audit_logs_org_time",
@@ -312,13 +316,12 @@ SEED_INDEXES = {
     "idx_log_index_errors",
     "idx_log_index_client_id",
     "idx_usage_events_org_time",
-    "idx_usage_events_project_time",
-    "idx_usage_events_user_time",
-    "idx_usage_events_model",
-    "idx_usage_events_mcp",
-    "idx_mcp_usage_server",
-    "idx_mcp_usage_tool",
-    "idx_mcp_usage_project",
+}
+# Migration 0012: the raw usage tables keep one index each, the one the organization's retention
+# delete and the mcp_usage_hourly view read (docs/schema.md "Usage indexes").
+USAGE_INDEXES = {
+    "usage_events": ("idx_usage_events_org_time", 'btree (org_id, "time" DESC)'),
+    "mcp_usage": ("idx_mcp_usage_org_time", 'btree (org_id, "time" DESC)'),
 }
 DEFAULT_ORG = "00000000-0000-0000-0000-000000000000"
 
@@ -585,3 +588,74 @@ async def test_migrate_command_applies_then_reports_up_to_date(fresh_database_ur
     ]
     assert "schema up to date" in outputs[1]
     assert "created 0 partition(s)" in outputs[1]
+
+
+def _index_shape(definition: str) -> str:
+    """`btree (org_id, "time" DESC)` out of a full CREATE INDEX statement."""
+    return definition.split(" USING ", 1)[1]
+
+
+async def test_usage_tables_keep_only_their_organization_index_on_existing_partitions(
+    fresh_database_url: str, tmp_path: Path
+) -> None:
+    # A database migrated before 0012, with day partitions holding rows, then upgraded: the
+    # partitions' indexes follow the parent's (dropped with it, the new one built and attached).
+    directory = tmp_path / "before_0012"
+    directory.mkdir()
+    for path in MIGRATIONS_DIR.glob("*.sql"):
+        if int(path.name[:4]) < 12:
+            shutil.copy(path, directory / path.name)
+    await migrate(fresh_database_url, directory=directory)
+    conn = await asyncpg.connect(fresh_database_url)
+    try:
+        created = await create_ahead(conn, 1)
+        day = created["mcp_usage"][0]
+        at = datetime(day.year, day.month, day.day, 12, tzinfo=UTC)
+        await conn.execute(
+            "INSERT INTO mcp_usage (time, org_id, server_id, tool_name, request_id, status) "
+            "VALUES ($1, $2, $3, 'search', $4, 'success')",
+            at,
+            uuid.UUID(DEFAULT_ORG),
+            uuid.uuid4(),
+            uuid.uuid4(),
+        )
+        await conn.execute(
+            "INSERT INTO usage_events (time, org_id, request_id, model) VALUES ($1, $2, $3, 'gpt-4o')",
+            at,
+            uuid.UUID(DEFAULT_ORG),
+            uuid.uuid4(),
+        )
+        assert await migrate(fresh_database_url) == ["0012_usage_indexes"]
+
+        for table, (name, shape) in USAGE_INDEXES.items():
+            parent = await conn.fetch(
+                "SELECT c.relname, pg_get_indexdef(i.indexrelid) AS def FROM pg_index i "
+                "JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = $1::regclass",
+                table,
+            )
+            assert [(r["relname"], _index_shape(r["def"])) for r in parent] == [(name, shape)]
+            partition = f"{table}_p{day:%Y%m%d}"
+            children = await conn.fetch(
+                "SELECT pg_get_indexdef(i.indexrelid) AS def, i.indisvalid, "
+                "(SELECT inhparent::regclass::text FROM pg_inherits WHERE inhrelid = i.indexrelid) AS parent "
+                "FROM pg_index i WHERE i.indrelid = $1::regclass",
+                partition,
+            )
+            assert [(_index_shape(r["def"]), r["indisvalid"], r["parent"]) for r in children] == [
+                (shape, True, name)
+            ], partition
+
+            # The organization's retention delete (sinks/janitor.py) can read it by index.
+            async with conn.transaction():
+                await conn.execute("SET LOCAL enable_seqscan = off")
+                plan = "\n".join(
+                    r[0]
+                    for r in await conn.fetch(
+                        f"EXPLAIN SELECT tableoid, ctid FROM {table} WHERE org_id = $1 AND time < $2",
+                        uuid.UUID(DEFAULT_ORG),
+                        at + timedelta(days=1),
+                    )
+                )
+            assert "Seq Scan" not in plan, plan
+    finally:
+        await conn.close()
