@@ -271,8 +271,11 @@ async def expire_organization(
         high = _midnight(max(r["log_date"] for r in rows) + timedelta(days=1))
         if dry_run:
             result.index_rows += await conn.fetchval(_COUNT_INDEX_ROWS, organization_id, low, high, uris)
-            result.objects += len(rows)
-            result.bytes += sum(r["byte_size"] for r in rows)
+            customers = await _customer_buckets(conn, {parse_object_uri(u)[0] for u in uris})
+            ours = [r for r in rows if parse_object_uri(r["object_uri"])[0] not in customers]
+            result.objects += len(ours)
+            result.bytes += sum(r["byte_size"] for r in ours)
+            result.released_objects += len(rows) - len(ours)
             continue
         page_began = time.monotonic()
         status = await conn.execute(_DELETE_INDEX_ROWS, organization_id, low, high, uris)

@@ -232,6 +232,9 @@ async def test_objects_pointers_reads_and_retention_follow_the_organization_buck
     conn = await asyncpg.connect(fresh_database_url)
     try:
         async with s3_client(settings) as s3:
+            planned = await expire_organization(conn, s3, CUSTOMER_ORG, far, idle_ratio=0, dry_run=True)
+            assert (planned.index_rows, planned.objects) == (len(customer), 0)
+            assert planned.released_objects == len(customer_keys)
             expired = await expire_organization(conn, s3, CUSTOMER_ORG, far, idle_ratio=0)
             assert expired.index_rows == len(customer) and expired.objects == 0
             assert expired.released_objects == len(customer_keys) and expired.failed_objects == 0
