@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import random
@@ -510,6 +511,10 @@ async def extension_rate(admin_url: str, batches: int, size: int) -> dict[str, A
     try:
         await migrate(url)
         chunks = [ceilings.validated(traffic.values(size, seed=10 + b)) for b in range(batches + 1)]
+        # The prepared batches leave the collector's scans, as a worker's long-lived objects do
+        # (gc.freeze at start-up): a worker holds one or two batches, not all of them at once.
+        gc.collect()
+        gc.freeze()
         conn = await asyncpg.connect(url)
         try:
             for table in ("usage_events", "mcp_usage"):
@@ -527,6 +532,7 @@ async def extension_rate(admin_url: str, batches: int, size: int) -> dict[str, A
         finally:
             await conn.close()
     finally:
+        gc.unfreeze()
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
     return {
