@@ -11,7 +11,9 @@ buckets of `organization_buckets` (migration 0011):
 
 One tenant's bucket must not stop everyone's ingest: any failure of a customer bucket is raised
 as `CustomerBucketUnavailable`, which the retry policy treats as an outage (retried) rather
-than as a configuration error of the deployment (which stops the worker).
+than as a configuration error of the deployment (which stops the worker); once the bucket has
+failed for `outage_s`, uploads to it raise `BucketUnavailable` and the flush dead-letters its
+events (`storage_unavailable`) instead of waiting.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ import aioboto3
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
+from pipeline.processing.store import BucketUnavailable
 from sinks.db import Connection
 from sinks.objects import ObjectWriter
 
@@ -129,8 +133,20 @@ async def check_route(route: BucketRoute) -> None:
 class RoutedObjects(ObjectWriter):
     """The deployment's bucket plus the customer buckets of `organization_buckets`."""
 
-    def __init__(self, client: S3Client, bucket: str, multipart_threshold: int, concurrency: int = 8) -> None:
+    def __init__(
+        self,
+        client: S3Client,
+        bucket: str,
+        multipart_threshold: int,
+        concurrency: int = 8,
+        *,
+        outage_s: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__(client, bucket, multipart_threshold, concurrency)
+        self._outage_s = outage_s  # how long a customer bucket may fail before we give up on it
+        self._clock = clock
+        self._failing_since: dict[str, float] = {}  # customer bucket -> its first failed upload
         self._current: dict[str, BucketRoute] = {}  # organization -> where its new objects go
         self._by_bucket: dict[str, BucketRoute] = {}  # any bucket a pointer may name
         self._customer_clients: dict[tuple[str, str | None, str | None], S3Client] = {}
@@ -178,7 +194,14 @@ class RoutedObjects(ObjectWriter):
             writer = await self._writer(route)
             await writer.put(key, body)
         except (BotoCoreError, ClientError, OSError) as exc:
-            raise CustomerBucketUnavailable(route, exc) from exc
+            failed = CustomerBucketUnavailable(route, exc)
+            since = self._failing_since.setdefault(bucket, self._clock())
+            if self._clock() - since >= self._outage_s:
+                # Given up on for now: the flush dead-letters this bucket's events at once (every
+                # batch tries once more, so the first upload that succeeds ends the outage).
+                raise BucketUnavailable(bucket, str(failed)) from exc
+            raise failed from exc
+        self._failing_since.pop(bucket, None)
 
     async def get_range(self, bucket: str, key: str, offset: int, length: int) -> bytes:
         if bucket == self.bucket:
