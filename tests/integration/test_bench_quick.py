@@ -65,7 +65,9 @@ def test_bench_quick_reports_every_scenario(stack_info: StackInfo, tmp_path: Pat
         drains.append(scaling[f"workers_{workers}"])
     for drain in drains:
         _check_drain(drain)
-    assert scaling["speedup_2_over_1"] > 0 and scaling["speedup_4_over_1"] > 0
+    assert scaling["workers_1"] is not None and len(result["plan"]["scaling_workers"]) >= 2
+    for workers in result["plan"]["scaling_workers"][1:]:
+        assert scaling[f"speedup_{workers}_over_1"] > 0, workers
     assert scenarios["ingest_2_workers"]["workers"] == 2
 
     fresh = scenarios["freshness"]
