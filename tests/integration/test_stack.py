@@ -23,6 +23,7 @@ from click.testing import CliRunner, Result
 from pipeline.cli import cli
 from pipeline.devtools.stack import Stack, StackInfo
 from pipeline.devtools.stack import state as state_file
+from pipeline.devtools.stack.postgres import INGEST_SETTINGS
 from pipeline.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -107,6 +108,9 @@ async def test_cli_up_up_status_down_down_and_restart_on_the_same_data(root: Pat
         await conn.execute("create extension if not exists pg_stat_statements")
         assert await conn.fetchval("select count(*) from pg_stat_statements") > 0
         assert await conn.fetchval("show track_io_timing") == "on"
+        # The ingest settings reach the server, as PostgreSQL reports them back.
+        shown = {key: await conn.fetchval(f"show {key}") for key in INGEST_SETTINGS}
+        assert shown == INGEST_SETTINGS
         await conn.close()
         host, port = env["OMNILOG_KAFKA_BOOTSTRAP_SERVERS"].split(":")
         assert await kafka_brokers(env["OMNILOG_KAFKA_BOOTSTRAP_SERVERS"]) == [(host, int(port))]

@@ -27,6 +27,44 @@ MAX_CONNECTIONS = 200
 # A unix socket path longer than this cannot be bound (sun_path is 108 bytes).
 _MAX_SOCKET_PATH = 100
 
+# Server settings for an ingest-heavy laptop stack (docs/operations.md "PostgreSQL for ingest"
+# says why each one, what it costs, and the production values). The server's own memory stays
+# under ~0.5 GiB: shared_buffers + wal_buffers, plus work_mem per sort or hash of a query.
+INGEST_SETTINGS: dict[str, str] = {
+    # A drain's working set (today's log_index partition and its indexes, the rollups) stays
+    # cached; the default 128MB is evicted by a 200 k-event drain.
+    "shared_buffers": "256MB",
+    # Every batch writes MBs of WAL in one transaction; 16MB is the ceiling of the automatic size.
+    "wal_buffers": "16MB",
+    # No checkpoint during a drain: one is forced every max_wal_size / 1.9 of WAL (~540 MB with
+    # the default 1GB, ~300 k events at ~1.8 kB of WAL each); 4GB lets a 1 M-event drain through.
+    # After a checkpoint a page's next change logs the whole page. The price: crash recovery
+    # replays more, and pg_wal may use up to ~4 GB of disk.
+    "max_wal_size": "4GB",
+    "min_wal_size": "256MB",
+    "checkpoint_timeout": "15min",
+    # Full page images compressed (lz4, cheap on CPU): less WAL to write, archive and replicate.
+    "wal_compression": "lz4",
+    # synchronous_commit stays on: off would save one WAL flush per batch (~ms per 20 k events)
+    # and would let a crash of PostgreSQL undo commits that `maintain` has acted on already.
+    # Sorts and hashes of the merger's folds and the API's reads in memory rather than on disk.
+    "work_mem": "16MB",
+    "maintenance_work_mem": "128MB",
+    # Two cores shared with the workers, Tansu and SeaweedFS: a parallel query would take the
+    # ingest worker's core; one helper at most.
+    "max_parallel_workers_per_gather": "1",
+    "max_parallel_workers": "2",
+    # SSD: prefetch for bitmap heap scans (the API's filtered reads).
+    "effective_io_concurrency": "200",
+    "random_page_cost": "1.1",
+    # The hot queries are short; compiling a plan costs more than it saves, and the rare large
+    # query (a wide count) must not pause for 100s of ms of LLVM.
+    "jit": "off",
+    # The delta tables are inserted and deleted within seconds: vacuum them soon enough that
+    # their pages are reused rather than grown.
+    "autovacuum_naptime": "15s",
+}
+
 _HBA = f"""\
 # Written by `omnilog stack`: trust, loopback and this stack's own socket dir only.
 local all all trust
@@ -170,6 +208,7 @@ class Postgres(Service):
             # Time spent waiting on reads/writes in pg_stat_statements and EXPLAIN (BUFFERS);
             # cheap on Linux's clock source (pg_test_timing: tens of ns per call).
             "track_io_timing": "on",
+            **INGEST_SETTINGS,
         }
         argv = [str(self.bindir / "postgres"), "-D", str(self.datadir), "-p", str(ports["port"])]
         for key, value in settings.items():
