@@ -17,9 +17,9 @@ The rules that keep every offset in exactly one place (pipeline/processing/offse
   replayed (at-least-once, the dead-letter contract). `take_finished` hands both back together, so
   the worker re-reads its positions only once nothing chained from the failed batch is left.
 - **One preparing, one committing.** A new batch starts only once every batch in flight has
-  finished preparing (and none has failed), and never more than DEPTH at once: dead letters are
-  produced in batch order, and the bytes held are bounded (the worker's backpressure counts
-  `size_bytes` with its buffer).
+  finished preparing (and none has failed), and never more than DEPTH at once: the dead letters
+  found while decoding are produced in batch order, and the bytes held are bounded (the worker's
+  backpressure counts `size_bytes` with its buffer).
 - **Drains are bounded.** `settle` (revoke, offset reset, shutdown) lets both finish in order
   within one budget and cancels what has not by then, the later batch first.
 """
