@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     )
     gzip_member_bytes: int = Field(64 * 1024, validation_alias=_env("OMNILOG_GZIP_MEMBER_BYTES"), gt=1024)
     gzip_level: int = Field(1, validation_alias=_env("OMNILOG_GZIP_LEVEL"), ge=0, le=3)
+    # How long an organization's own bucket may keep failing before the flush dead-letters that
+    # organization's events (`storage_unavailable`) instead of holding the batch (docs/storage.md).
+    customer_bucket_outage_s: float = Field(
+        300.0, validation_alias=_env("OMNILOG_CUSTOMER_BUCKET_OUTAGE_S"), ge=0, le=86_400
+    )
     multipart_threshold_bytes: int = Field(
         16 * 1024 * 1024, validation_alias=_env("OMNILOG_MULTIPART_THRESHOLD_BYTES"), ge=5 * 1024 * 1024
     )

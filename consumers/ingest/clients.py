@@ -82,7 +82,9 @@ def routed_objects(settings: Settings, s3: S3Client, stack: AsyncExitStack) -> R
     """The object store of the flush: the deployment's bucket plus the organizations' own
     (docs/storage.md), their clients closed with `stack`. Knows no route before
     `load_bucket_routes`."""
-    objects = RoutedObjects(s3, settings.s3_bucket, settings.multipart_threshold_bytes)
+    objects = RoutedObjects(
+        s3, settings.s3_bucket, settings.multipart_threshold_bytes, outage_s=settings.customer_bucket_outage_s
+    )
     stack.push_async_callback(objects.aclose)
     return objects
 

@@ -176,7 +176,11 @@ class IngestWorker:
         producer = clients.dead_letter_producer(s)
         await self._until_stopped("connect_kafka_producer", "kafka", producer.start)
         stack.push_async_callback(clients.bounded_stop, "producer", producer.stop)
-        objects = ObjectWriter(s3, s.s3_bucket, s.multipart_threshold_bytes)
+        objects = clients.routed_objects(s, s3, stack)
+        pool = self._pool
+        await self._until_stopped(
+            "load_bucket_routes", "postgres", lambda: clients.load_bucket_routes(objects, pool, stack)
+        )
         self._ctx = self._flush_context(self._pool, objects, producer)
         self._flushes = FlushPipeline(self._ctx)
 

@@ -17,7 +17,8 @@ import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.settings import Settings, load_settings
-from sinks.lifecycle import LifecycleError, plan_configuration
+from sinks.buckets import load_routes
+from sinks.lifecycle import LifecycleError, customer_bucket_notes, plan_configuration
 from sinks.objects import s3_client
 from sinks.retention import load_organization_retention
 
@@ -26,8 +27,12 @@ async def _configuration(settings: Settings, fallback_days: int, transitions: bo
     conn = await asyncpg.connect(settings.database_url.get_secret_value())
     try:
         organizations = await load_organization_retention(conn)
+        routes = await load_routes(conn)
     finally:
         await conn.close()
+    # On stderr, so that stdout stays the configuration `apply` puts.
+    for note in customer_bucket_notes(routes):
+        click.echo(note, err=True)
     return plan_configuration(organizations, fallback_days, transitions=transitions)
 
 

@@ -17,7 +17,8 @@ import orjson
 
 from pipeline.commands import errors
 from pipeline.settings import Settings, load_settings
-from sinks.objects import ObjectWriter, s3_client
+from sinks.buckets import RoutedObjects, load_routes
+from sinks.objects import s3_client
 from sinks.readpath import (
     BodyError,
     NotFound,
@@ -95,11 +96,17 @@ async def _get(settings: Settings, event_id: str) -> bytes:
         conn = await asyncpg.connect(settings.database_url.get_secret_value())
         try:
             row = await find_pointer(conn, event_id)
+            routes = await load_routes(conn)  # customer-owned buckets (docs/storage.md)
         finally:
             await conn.close()
     with errors.object_storage():
         async with s3_client(settings) as s3:
-            return await read_event(ObjectWriter(s3, settings.s3_bucket, 1 << 30), row, event_id)
+            objects = RoutedObjects(s3, settings.s3_bucket, 1 << 30)
+            objects.use_routes(routes)
+            try:
+                return await read_event(objects, row, event_id)
+            finally:
+                await objects.aclose()
 
 
 @command.command("query")
@@ -177,6 +184,7 @@ async def _query(
         conn = await asyncpg.connect(settings.database_url.get_secret_value())
         try:
             rows, next_cursor = await query_index(conn, flt, limit, cursor)
+            routes = await load_routes(conn) if with_body and rows else []
         finally:
             await conn.close()
     for row in rows:
@@ -186,7 +194,12 @@ async def _query(
         # (no endpoint, no credentials) is one line for the whole command.
         with errors.object_storage():
             async with s3_client(settings) as s3:
-                bodies = await fetch_bodies(ObjectWriter(s3, settings.s3_bucket, 1 << 30), rows)
+                objects = RoutedObjects(s3, settings.s3_bucket, 1 << 30)
+                objects.use_routes(routes)
+                try:
+                    bodies = await fetch_bodies(objects, rows)
+                finally:
+                    await objects.aclose()
         for row in rows:
             body = bodies[row["id"]]
             if isinstance(body, BodyError):

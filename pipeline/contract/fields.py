@@ -63,6 +63,7 @@ InvalidReason = Literal[
     # Given by the worker, not by the validation rules:
     "expired",  # started_at's UTC day is before the retention horizon (its partition is dropped)
     "rejected_by_database",  # PostgreSQL refused the event's row (a data error no rule caught)
+    "storage_unavailable",  # its organization's own bucket kept failing (docs/storage.md)
     "internal_error",  # an unexpected exception while decoding this one message
 ]
 INVALID_REASONS: Final[tuple[str, ...]] = get_args(InvalidReason)

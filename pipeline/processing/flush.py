@@ -14,6 +14,9 @@ Failure handling, decided by the worker's one retry policy (pipeline/processing/
 - a dependency that is unavailable is retried, with backoff, for as long as it lasts: a flush never
   skips a message. Uploaded objects are kept across retries of the transaction, so a database
   outage does not multiply orphans; an upload held too long is renewed before the commit;
+- except an organization's own bucket that the object store gives up on (BucketUnavailable, after
+  its bound): that organization's events of the batch are dead-lettered (`storage_unavailable`)
+  and the rest is committed, so one tenant's bucket never holds everyone's partitions;
 - decoding never raises: every message is a valid event or a dead letter;
 - a data error in the transaction is traced to the message(s) causing it (bisection in rolled-back
   transactions); those are dead-lettered (`rejected_by_database`) and the rest is committed. If no
@@ -48,6 +51,7 @@ from pipeline.processing.offsets import Fenced, HorizonMoved
 from pipeline.processing.retry import ErrorKind, PermanentError, RetryPolicy, classify
 from pipeline.processing.store import (
     BatchOutcome,
+    BucketUnavailable,
     DeadLetterSink,
     IndexedEvent,
     IndexStore,
@@ -192,8 +196,9 @@ async def prepare(ctx: FlushContext, batch: Batch) -> Prepared:
         pending = _encode(ctx, decoded.valid)
     try:
         with _timed(stages, "upload"):
-            await _upload(ctx, pending)
+            set_aside = await _upload_or_set_aside(ctx, pending, decoded)
         failpoints.hit("after_upload")
+        await _dead_letter_set_aside(ctx, decoded, set_aside)
     except BaseException:
         _count_orphans(ctx, pending)
         raise
@@ -357,16 +362,45 @@ async def _upload(ctx: FlushContext, pending: list[PendingObject]) -> None:
         except ExceptionGroup as failed:
             raise failed.exceptions[0] from failed
 
-    await ctx.retry.call("upload", "s3", upload_missing)
+    await ctx.retry.call("upload", "s3", upload_missing, passthrough=(BucketUnavailable,))
 
 
-async def _renew_stale(ctx: FlushContext, pending: list[PendingObject]) -> None:
+async def _upload_or_set_aside(
+    ctx: FlushContext, pending: list[PendingObject], decoded: Decoded
+) -> list[DeadLetter]:
+    """Upload every object. The objects of a bucket the store gives up on (BucketUnavailable) are
+    taken out of the batch and their events become dead letters (`storage_unavailable`), so one
+    organization's broken bucket holds the batch no longer than the store's bound."""
+    letters: list[DeadLetter] = []
+    while True:
+        try:
+            await _upload(ctx, pending)
+            return letters
+        except BucketUnavailable as down:
+            for p in [p for p in pending if p.bucket == down.bucket]:
+                pending.remove(p)
+                if p.uploaded:
+                    ctx.metrics.orphaned_uploads.inc()
+                letters.extend(
+                    DeadLetter(decoded.source[i.event.event_id], "storage_unavailable", down.detail[:512])
+                    for i in p.indexed
+                )
+            log.warning("dead-lettering the events of an unavailable bucket", extra={"bucket": down.bucket})
+
+
+async def _dead_letter_set_aside(ctx: FlushContext, decoded: Decoded, letters: list[DeadLetter]) -> None:
+    if letters:
+        await _send_dead_letters(ctx, letters)
+        decoded.letters.extend(letters)
+
+
+async def _renew_stale(ctx: FlushContext, pending: list[PendingObject], decoded: Decoded) -> None:
     stale = [p for p in pending if p.stale(ctx.monotonic())]
     if stale:
         ctx.metrics.orphaned_uploads.inc(len(stale))
         for p in stale:
             p.rekey(ctx.topic)
-        await _upload(ctx, pending)
+        await _dead_letter_set_aside(ctx, decoded, await _upload_or_set_aside(ctx, pending, decoded))
 
 
 # ---- the transaction -----------------------------------------------------------------------------
@@ -378,7 +412,7 @@ async def _commit(
     """The batch transaction, retried while Postgres is unavailable. Messages found unfit on the way
     (expired days, rows Postgres refuses) are dead-lettered, then the rest is committed."""
     while True:
-        await _renew_stale(ctx, pending)
+        await _renew_stale(ctx, pending, decoded)
         letters: list[DeadLetter]
         try:
             return await ctx.retry.call(

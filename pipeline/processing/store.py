@@ -73,6 +73,18 @@ class IndexStore(Protocol):
         ...
 
 
+class BucketUnavailable(Exception):
+    """The store gives up on one bucket for now: an organization's own bucket that has failed for
+    longer than the store's bound (docs/storage.md). The flush dead-letters the events bound for
+    it (`storage_unavailable`) instead of holding the batch, and every other tenant's events in
+    it, until that bucket answers."""
+
+    def __init__(self, bucket: str, detail: str) -> None:
+        super().__init__(f"{bucket}: {detail}")
+        self.bucket = bucket
+        self.detail = detail
+
+
 class ObjectStore(Protocol):
     @property
     def bucket(self) -> str:
@@ -86,7 +98,7 @@ class ObjectStore(Protocol):
 
     async def put(self, key: str, body: bytes, *, bucket: str | None = None) -> None:
         """Store one object in `bucket` (default: the deployment's own). A retry with the same key
-        and body is harmless."""
+        and body is harmless. Raises BucketUnavailable when it gives up on `bucket` for now."""
         ...
 
 

@@ -8,6 +8,7 @@ through the real flush (pipeline/processing/flush.py) with the real batch transa
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -23,7 +24,7 @@ from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
-from consumers.ingest.factory import partition_ensurer
+from consumers.ingest.factory import build_worker, partition_ensurer
 from pipeline.cli import cli
 from pipeline.contract import ValidationPolicy
 from pipeline.devtools.stack import StackInfo
@@ -35,7 +36,7 @@ from pipeline.processing.flush import FlushContext, FlushReport, flush
 from pipeline.processing.layout import parse_object_uri
 from pipeline.processing.offsets import PartitionRange
 from pipeline.processing.retry import ErrorKind, RetryPolicy, classify
-from pipeline.processing.store import PreparedLetters
+from pipeline.processing.store import DeadLetterSink, PreparedLetters
 from pipeline.settings import Settings
 from sinks.buckets import (
     BucketConflict,
@@ -53,7 +54,7 @@ from sinks.partitions import PartitionCache
 from sinks.readpath import BodyError, fetch_bodies
 from sinks.retention import load_horizon, lock_horizon
 from tests.integration.api_world import World, api_client, app_for, build_world
-from tests.integration.ingest_support import make_event
+from tests.integration.ingest_support import create_topic, make_event, produce_events
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +124,13 @@ def _events(rng: random.Random, org: str, count: int) -> dict[str, bytes]:
     return sent
 
 
-async def _flush(pool: asyncpg.Pool, settings: Settings, objects: RoutedObjects, batch: Batch) -> FlushReport:
+async def _flush(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    objects: RoutedObjects,
+    batch: Batch,
+    letters: DeadLetterSink | None = None,
+) -> FlushReport:
     metrics = WorkerMetrics(CollectorRegistry())
     ctx = FlushContext(
         topic=settings.topic,
@@ -135,7 +142,7 @@ async def _flush(pool: asyncpg.Pool, settings: Settings, objects: RoutedObjects,
             horizon=Horizon(load=load_horizon, lock=lock_horizon),
         ),
         objects=objects,
-        dead_letters=_NoLetters(),
+        dead_letters=letters or _NoLetters(),
         metrics=metrics,
         policy=ValidationPolicy(max_age=timedelta(days=30), max_future_skew=timedelta(hours=1)),
         member_bytes=4096,
@@ -407,3 +414,163 @@ async def test_the_api_reads_a_customer_bucket_with_the_profile_only(
         # An event of the deployment's bucket: the broken default keys are what reads it.
         own = next(iter(world.a.events))
         assert (await client.get(f"/v1/events/{own}", headers=world.a.headers)).status_code == 502
+
+
+async def test_the_worker_sends_each_organization_to_its_bucket(
+    fresh_database_url: str,
+    make_settings: Any,
+    stack_info: StackInfo,
+    customer_bucket: str,
+    aws_profile: Path,
+) -> None:
+    """The production wiring: `omnilog ingest`'s worker reads the routes before its first batch."""
+    await migrate(fresh_database_url)
+    settings = make_settings(database_url=fresh_database_url, batch_max_events=50, batch_max_age_s=0.3)
+    conn = await asyncpg.connect(fresh_database_url)
+    try:
+        await set_route(conn, _route(stack_info, customer_bucket), settings.s3_bucket)
+    finally:
+        await conn.close()
+    await create_topic(settings, settings.topic, partitions=1)
+    rng, now = random.Random(21), datetime.now(UTC)
+    events = [
+        dict(make_event(rng, now), organization_id=rng.choice([CUSTOMER_ORG, OTHER_ORG])) for _ in range(200)
+    ]
+    sent = await produce_events(settings, events)
+    worker = build_worker(settings, registry=CollectorRegistry())
+    task = asyncio.create_task(worker.run())
+    try:
+        offsets_end = len(sent)
+        deadline = asyncio.get_running_loop().time() + 90
+        while True:
+            conn = await asyncpg.connect(fresh_database_url)
+            try:
+                rows = [
+                    dict(r)
+                    for r in await conn.fetch(
+                        "SELECT organization_id::text AS org, object_uri FROM log_index"
+                    )
+                ]
+            finally:
+                await conn.close()
+            if len(rows) == offsets_end or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        worker.request_stop()
+        assert await asyncio.wait_for(task, 60) == 0
+    assert len(rows) == len(events)
+    assert {(r["org"], parse_object_uri(r["object_uri"])[0]) for r in rows} == {
+        (CUSTOMER_ORG, customer_bucket),
+        (OTHER_ORG, settings.s3_bucket),
+    }
+    async with s3_client(settings) as s3:
+        assert all(k.startswith(f"org/{CUSTOMER_ORG}/") for k in await _keys(s3, customer_bucket))
+        assert all(k.startswith(f"org/{OTHER_ORG}/") for k in await _keys(s3, settings.s3_bucket))
+
+
+class _LetterRecorder:
+    """A dead-letter sink that keeps the letters (no Kafka needed to see what was set aside)."""
+
+    def __init__(self) -> None:
+        self.sent: list[DeadLetter] = []
+
+    def prepare(self, letters: Sequence[DeadLetter]) -> PreparedLetters:
+        recorder = self
+
+        class _Prepared:
+            offloads = 0
+
+            async def offload(self) -> None:
+                return None
+
+            async def send(self) -> None:
+                recorder.sent.extend(letters)
+
+        return _Prepared()
+
+
+async def test_a_customer_bucket_given_up_on_dead_letters_its_events_and_the_rest_commits(
+    fresh_database_url: str, make_settings: Any, stack_info: StackInfo, aws_profile: Path
+) -> None:
+    """The profile may not use the organization's bucket: after the outage bound (0 here) the
+    batch commits the other organization's events and dead-letters the customer's."""
+    await migrate(fresh_database_url)
+    settings = make_settings(database_url=fresh_database_url)
+    forbidden = f"forbidden-{uuid.uuid4().hex[:12]}"
+    ensure_bucket(int(stack_info.s3_endpoint_url.rsplit(":", 1)[1]), _credentials(stack_info), forbidden)
+    rng = random.Random(8)
+    customer, other = _events(rng, CUSTOMER_ORG, 10), _events(rng, OTHER_ORG, 10)
+    letters = _LetterRecorder()
+    pool = await asyncpg.create_pool(fresh_database_url, min_size=1, max_size=2)
+    try:
+        async with pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO organization_buckets (organization_id, bucket, endpoint_url, region, profile) "
+                "VALUES ($1::uuid, $2, $3, 'us-east-1', $4)",
+                CUSTOMER_ORG,
+                forbidden,
+                stack_info.s3_endpoint_url,
+                PROFILE,
+            )
+            await init_offsets(conn, settings.consumer_group, settings.topic, {0: 0})
+        async with s3_client(settings) as s3:
+            objects = RoutedObjects(s3, settings.s3_bucket, 1 << 30, outage_s=0)
+            try:
+                async with pool.acquire() as conn:
+                    await objects.refresh(conn)
+                report = await _flush(
+                    pool, settings, objects, _batch([*customer.values(), *other.values()], 0), letters
+                )
+            finally:
+                await objects.aclose()
+        async with pool.acquire() as conn:
+            indexed = {str(r["id"]) for r in await conn.fetch("SELECT id FROM log_index")}
+            stored = await conn.fetchval("SELECT next_offset FROM ingest_offsets")
+    finally:
+        await pool.close()
+    assert indexed == set(other)
+    assert {orjson.loads(m.message.value or b"")["event_id"] for m in letters.sent} == set(customer)
+    assert {m.reason for m in letters.sent} == {"storage_unavailable"}
+    assert all(CUSTOMER_ORG in m.detail and PROFILE in m.detail for m in letters.sent)
+    assert report.invalid == len(customer) and stored == len(customer) + len(other)
+
+
+def test_logs_get_and_query_read_a_customer_bucket_with_the_profile(
+    fresh_database_url: str,
+    make_settings: Any,
+    stack_info: StackInfo,
+    customer_bucket: str,
+    aws_profile: Path,
+) -> None:
+    asyncio.run(migrate(fresh_database_url))
+    settings = make_settings(database_url=fresh_database_url)
+
+    async def ingest() -> dict[str, bytes]:
+        async with s3_client(settings) as s3:
+            customer, _ = await _ingest_two_organizations(
+                fresh_database_url, settings, s3, _route(stack_info, customer_bucket), random.Random(2)
+            )
+        return customer
+
+    customer = asyncio.run(ingest())
+    # The deployment's keys are wrong: only the profile can read the customer's events.
+    env = {
+        **stack_info.env(),
+        "OMNILOG_DATABASE_URL": fresh_database_url,
+        "OMNILOG_S3_BUCKET": settings.s3_bucket,
+        "AWS_SECRET_ACCESS_KEY": "not-the-secret",
+    }
+    runner = CliRunner()
+    event_id, value = next(iter(customer.items()))
+    got = runner.invoke(cli, ["logs", "get", event_id], env=env)
+    assert got.exit_code == 0, got.output
+    assert got.output.encode().rstrip(b"\n") == value
+    queried = runner.invoke(
+        cli,
+        ["logs", "query", "--org", CUSTOMER_ORG, "--with-body", "--format", "json", "--limit", "100"],
+        env=env,
+    )
+    assert queried.exit_code == 0, queried.output
+    bodies = {row["id"]: row.get("event") for row in map(orjson.loads, queried.output.splitlines())}
+    assert len(bodies) == len(customer) and all(bodies[i] == orjson.loads(v) for i, v in customer.items())
