@@ -133,15 +133,16 @@ class FlushPipeline:
         after it is discarded first (cancelled and awaited) and handed back with it."""
         done: list[InFlight] = []
         while self._flights and self._flights[0].task.done():
-            head = self._flights.popleft()
-            done.append(head)
-            if head.failed and self._flights:
-                later = list(self._flights)
-                self._flights.clear()
+            if self._flights[0].failed and len(self._flights) > 1:
+                later = list(self._flights)[1:]
                 for flight in later:
                     flight.task.cancel()
+                # Handed back only once ended: if this wait is cancelled, they stay to be settled.
                 await asyncio.wait({f.task for f in later})
-                done.extend(later)
+                done += self._flights
+                self._flights.clear()
+                break
+            done.append(self._flights.popleft())
         return done
 
     async def settle(self, budget_s: float) -> list[InFlight]:
