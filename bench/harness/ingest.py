@@ -22,7 +22,7 @@ from bench.harness.cpu import CpuMeter, Tracked, usage_between
 from bench.harness.env import BenchEnv, connect
 from bench.harness.procs import Profiler, WorkerGroup, metric_sum
 from bench.harness.services import listening_pids, ports
-from bench.harness.stats import fifth_rates, percentile, visibility_lags
+from bench.harness.stats import count_at, fifth_rates, percentile, visibility_lags
 from pipeline.metrics import FLUSH_STAGES
 from sinks.merger import pending_deltas
 
@@ -123,6 +123,27 @@ def stage_seconds(scraped: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+async def _finished_or_none(task: asyncio.Task[float | None]) -> float | None:
+    """The task's moment if it already found one; otherwise it is cancelled: None."""
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    return task.result()
+
+
+def _all_active(
+    at: float | None, first: float, end: float, progress: list[tuple[float, int]], events: int
+) -> dict[str, float | None]:
+    """When every worker was consuming (seconds after the first consume) and the rate from then
+    to the index caught up."""
+    if at is None or at >= end:
+        return {"after_s": None, "events_per_s": None}
+    done = count_at(progress, at - first)
+    return {"after_s": round(at - first, 3), "events_per_s": round((events - done) / (end - at), 1)}
+
+
 def _tracked(workers: WorkerGroup, merger: WorkerGroup | None, services: dict[str, int]) -> list[Tracked]:
     tracked = [Tracked("worker", workers.pids)]
     if merger is not None:
@@ -171,8 +192,12 @@ async def drain(
                 await statements.reset(conn)
             if profile_dir is not None:
                 profiler = Profiler.attach(workers.workers[0].pid, profile_dir)
+            # Several workers: also when the last one started consuming (a late joiner means the
+            # first drained alone until the group rebalanced; the rate after it is the steady one).
+            all_consumed = asyncio.create_task(workers.wait_all_consumed(session, timeout_s=600))
             end, progress = await wait_offsets(conn, group_name, topic, events, watched, began=first)
             meter.mark("index")
+            all_at = await _finished_or_none(all_consumed)
             if profiler is not None:
                 await profiler.stop()
             scraped = await workers.scrape(session)
@@ -196,6 +221,7 @@ async def drain(
         await env.drop_topic(topic)
     await env.drop_named_database(db_name)  # a 5 M drain's tables are gigabytes
     seconds = end - first
+    all_active = _all_active(all_at, first, end, progress, events) if scenario.workers > 1 else None
     marks = meter.marks
     cpu: dict[str, Any] = {"index": usage_between(marks["start"], marks["index"], events, meter.cpus)}
     if "aggregates" in marks:
@@ -213,6 +239,7 @@ async def drain(
         "aggregates_events_per_s": None if aggregates_s is None else round(events / aggregates_s, 1),
         "aggregates_lag_s": None if aggregates_s is None else round(aggregates_s - seconds, 3),
         "fifths_events_per_s": fifth_rates(progress, events),
+        "all_workers_consuming": all_active,
         "produce_seconds": round(produced.seconds, 3),
         "produce_events_per_s": round(events / produced.seconds, 1),
         "peak_rss_mib": [round(w.peak_rss / 2**20, 1) for w in workers.workers],

@@ -126,6 +126,23 @@ class WorkerGroup:
             await asyncio.sleep(0.02)
         raise TimeoutError(f"no worker consumed anything within {timeout_s:.0f}s; logs: {self.log_paths()}")
 
+    async def wait_all_consumed(self, session: aiohttp.ClientSession, timeout_s: float) -> float | None:
+        """Poll (every 100 ms) until every worker reports a consumed message; that moment, or None
+        if some worker never consumed within `timeout_s` (e.g. more workers than partitions)."""
+        deadline = time.monotonic() + timeout_s
+        waiting = list(self.workers)
+        while waiting and time.monotonic() < deadline:
+            before = time.monotonic()
+            scraped = await asyncio.gather(*(w.metrics(session) for w in waiting))
+            waiting = [
+                w for w, m in zip(waiting, scraped, strict=True)
+                if metric_sum(m, "omnilog_events_consumed_total") == 0
+            ]  # fmt: skip
+            if not waiting:
+                return (before + time.monotonic()) / 2
+            await asyncio.sleep(0.1)
+        return None
+
     async def wait_ready(self, session: aiohttp.ClientSession, timeout_s: float) -> None:
         """Until every worker answers /readyz 200 (joined the group, got an assignment)."""
         deadline = time.monotonic() + timeout_s

@@ -147,9 +147,9 @@ def _scaling_table(s: dict[str, Any]) -> list[str]:
         f"{scaling.get('partitions')} partitions. CPU in µs/event, from the first consume until the "
         "aggregates caught up (the workers: until the index caught up):",
         "",
-        "| workers | events/s | × 1 worker | worker | merger | postgres | broker | s3 | harness | other "
-        "| machine busy |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| workers | events/s | × 1 worker | events/s once all consume | worker | merger | postgres | broker "
+        "| s3 | harness | other | machine busy |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, _, r in drain_rows(s):
         if not key.startswith("scaling_workers."):
@@ -158,8 +158,14 @@ def _scaling_table(s: dict[str, Any]) -> list[str]:
         speedup = scaling.get(f"speedup_{n}_over_1", 1.0 if n == 1 else None)
         cpu = _cpu_per_event(r)
         whole = r["cpu"].get("aggregates", r["cpu"]["index"])
+        steady = r.get("all_workers_consuming") or {}
+        after = (
+            f"{_fmt(steady['events_per_s'])} (after {steady['after_s']} s)"
+            if steady.get("events_per_s")
+            else "–"
+        )
         lines.append(
-            f"| {n} | {_fmt(r['events_per_s'])} | {speedup} | "
+            f"| {n} | {_fmt(r['events_per_s'])} | {speedup} | {after} | "
             + " | ".join(_num(cpu.get(p)) for p in PROCESSES)
             + f" | {whole['machine_utilisation'] * 100:.0f} % |"
         )

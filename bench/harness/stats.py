@@ -35,6 +35,18 @@ def time_reaching(progress: Progress, count: float) -> float | None:
     return None
 
 
+def count_at(progress: Progress, at: float) -> float:
+    """The count at time `at`, interpolated linearly between the samples around it."""
+    before_t, before_n = 0.0, 0
+    for t, n in progress:
+        if t >= at:
+            if t == before_t:
+                return float(n)
+            return before_n + (n - before_n) * (at - before_t) / (t - before_t)
+        before_t, before_n = t, n
+    return float(before_n)
+
+
 def fifth_rates(progress: Progress, total: int, parts: int = 5) -> list[float | None]:
     """Events/s over each fifth of the backlog (by events, not by time): the first 20 % of the
     events, the next 20 %, ... A rate that falls from fifth to fifth means the cost per event grows

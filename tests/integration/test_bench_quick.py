@@ -69,6 +69,8 @@ def test_bench_quick_reports_every_scenario(stack_info: StackInfo, tmp_path: Pat
     for workers in result["plan"]["scaling_workers"][1:]:
         assert scaling[f"speedup_{workers}_over_1"] > 0, workers
     assert scenarios["ingest_2_workers"]["workers"] == 2
+    # None when one worker drained it all before the other joined: then there is no steady rate
+    assert set(scenarios["ingest_2_workers"]["all_workers_consuming"]) == {"after_s", "events_per_s"}
 
     fresh = scenarios["freshness"]
     assert 0 < fresh["p50_s"] <= fresh["p99_s"]

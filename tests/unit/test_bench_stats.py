@@ -7,7 +7,7 @@ import pytest
 
 from bench.harness import statements
 from bench.harness.runner import Plan, drain_key, parse_sizes
-from bench.harness.stats import fifth_rates, percentile, ratio, time_reaching, visibility_lags
+from bench.harness.stats import count_at, fifth_rates, percentile, ratio, time_reaching, visibility_lags
 
 
 def test_percentile_interpolates_between_ranks() -> None:
@@ -25,6 +25,14 @@ def test_time_reaching_interpolates_and_misses() -> None:
     assert time_reaching(progress, 200) == pytest.approx(2.0)
     assert time_reaching(progress, 300) == pytest.approx(3.0)
     assert time_reaching(progress, 301) is None
+
+
+def test_count_at_interpolates_between_samples() -> None:
+    progress = [(0.0, 0), (2.0, 100), (4.0, 500)]
+    assert count_at(progress, 1.0) == pytest.approx(50.0)
+    assert count_at(progress, 3.0) == pytest.approx(300.0)
+    assert count_at(progress, 2.0) == pytest.approx(100.0)
+    assert count_at(progress, 9.0) == 500.0  # after the last sample: the last count
 
 
 def test_fifth_rates_by_events_show_a_slowing_drain() -> None:
