@@ -285,8 +285,7 @@ class IngestWorker:
                 records = await self._fetch(consumer)
             for tp, batch in records.items():
                 self.metrics.events_consumed.inc(self._buffer.add(tp.partition, batch))
-            for flight in await flushes.take_finished():
-                await self._reap(flight)
+            await self._reap_finished(flushes)
             if flushes.has_room() and self._ready.dlq_tripped is None and self._buffer.due():
                 flushes.start(self._buffer.take())
             self._update_lag(consumer)
@@ -336,6 +335,12 @@ class IngestWorker:
             consumer.pause(*assigned)
         elif consumer.paused():
             consumer.resume(*consumer.paused())
+
+    async def _reap_finished(self, flushes: FlushPipeline) -> None:
+        # A function of its own: no loop variable keeps the last report (a whole batch of events)
+        # alive while the next batches are in flight.
+        for flight in await flushes.take_finished():
+            await self._reap(flight)
 
     async def _reap(self, flight: InFlight) -> None:
         """Act on one ended flush; called in batch order."""

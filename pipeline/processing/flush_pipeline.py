@@ -116,6 +116,7 @@ class FlushPipeline:
         except BaseException:  # cancelled while waiting
             discard(self._ctx, ready)
             raise
+        previous = None  # its report holds every event of that batch: let it go before committing
         if not may_commit:
             discard(self._ctx, ready)
             raise Discarded("the batch before it did not commit")
