@@ -182,7 +182,7 @@ class IngestWorker:
             "load_bucket_routes", "postgres", lambda: clients.load_bucket_routes(objects, pool, stack)
         )
         self._ctx = self._flush_context(self._pool, objects, producer)
-        self._flushes = FlushPipeline(self._ctx)
+        self._flushes = FlushPipeline(self._ctx, depth=self.settings.flush_pipeline_depth)
 
         consumer = clients.input_consumer(s)
         consumer.subscribe([s.topic], listener=_Listener(self))

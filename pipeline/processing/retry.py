@@ -93,6 +93,12 @@ def classify(exc: BaseException) -> ErrorKind:
         if state[:2] in _PG_DATA_CLASSES:
             return ErrorKind.DATA
         return ErrorKind.FATAL
+    if isinstance(exc, asyncpg.InternalClientError):
+        # A connection whose protocol state a dying server left half-way ("cannot switch to state
+        # N; another operation is in progress", asyncpg #1069 / #784): seen when PostgreSQL stops
+        # mid-query. Retried like a lost connection (visible in the retry metrics and alert if it
+        # lasts); other internal errors are bugs, hence fatal.
+        return ErrorKind.RETRIABLE if "another operation" in str(exc) else ErrorKind.FATAL
     if isinstance(exc, asyncpg.InterfaceError):
         if isinstance(exc, ValueError):  # asyncpg's client-side DataError: a value it cannot encode
             return ErrorKind.DATA

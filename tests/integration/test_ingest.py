@@ -157,6 +157,9 @@ async def test_workers_joining_and_leaving_keep_exactly_once(
     producing = asyncio.create_task(_produce_in_waves(settings, traffic, waves=4))
     workers = [start_worker(settings, tmp_path / f"w{i}.log") for i in range(3)]
     await asyncio.sleep(8)
+    # A SIGTERM before the worker installed its handlers kills it (-15) instead of testing its
+    # drain; on a loaded machine start-up alone can take longer than 8 s.
+    await wait_for_log(tmp_path / "w0.log", "partitions assigned", timeout=60)
     workers[0].send_signal(signal.SIGTERM)  # a graceful leave
     await asyncio.sleep(4)
     workers[1].kill()  # a crash

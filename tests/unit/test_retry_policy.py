@@ -47,6 +47,11 @@ def _s3(status: int, code: str) -> ClientError:
         (_pg("42501"), ErrorKind.FATAL),  # permission denied
         (asyncpg.InterfaceError("connection is closed"), ErrorKind.RETRIABLE),
         (asyncpg.InterfaceError("the server expects 2 arguments"), ErrorKind.FATAL),
+        (
+            asyncpg.InternalClientError("cannot switch to state 11; another operation (2) is in progress"),
+            ErrorKind.RETRIABLE,
+        ),
+        (asyncpg.InternalClientError("_on_result: waiter is None"), ErrorKind.FATAL),
         (_s3(503, "SlowDown"), ErrorKind.RETRIABLE),
         (_s3(500, "InternalError"), ErrorKind.RETRIABLE),
         (_s3(404, "NoSuchBucket"), ErrorKind.FATAL),
