@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import botocore.session
+from botocore.model import ListShape, Shape, StringShape, StructureShape
 from botocore.validate import ParamValidator
 
 from sinks.buckets import BucketRoute
@@ -121,6 +122,22 @@ def validate(configuration: dict[str, Any]) -> None:
     report = ParamValidator().validate({"Bucket": "omnilog", "LifecycleConfiguration": configuration}, shape)
     if report.has_errors():
         raise LifecycleError(f"invalid lifecycle configuration: {report.generate_report()}")
+    # ParamValidator checks types and required members, not enums: a misspelt StorageClass passes it.
+    errors = _enum_errors(configuration, shape.members["LifecycleConfiguration"], "LifecycleConfiguration")
+    if errors:
+        raise LifecycleError(f"invalid lifecycle configuration: {'; '.join(errors)}")
+
+
+def _enum_errors(value: Any, shape: Shape, path: str) -> list[str]:
+    """The enum violations in `value` against `shape`, with their paths (ParamValidator skips them)."""
+    if isinstance(shape, StructureShape) and isinstance(value, dict):
+        known = [(k, v) for k, v in value.items() if k in shape.members]
+        return [e for k, v in known for e in _enum_errors(v, shape.members[k], f"{path}.{k}")]
+    if isinstance(shape, ListShape) and isinstance(value, list):
+        return [e for i, v in enumerate(value) for e in _enum_errors(v, shape.member, f"{path}[{i}]")]
+    if isinstance(shape, StringShape) and shape.enum and value not in shape.enum:
+        return [f"{path}: {value!r} is not one of {shape.enum}"]
+    return []
 
 
 def customer_bucket_notes(routes: Sequence[BucketRoute]) -> list[str]:

@@ -65,6 +65,7 @@ SERVICE_MONITOR = _resource(
                         "interval": _DURATION,
                         "scrapeTimeout": _DURATION,
                         "scheme": {"enum": ["http", "https"]},
+                        "honorLabels": {"type": "boolean"},
                     },
                     "required": ["port"],
                     "additionalProperties": False,

