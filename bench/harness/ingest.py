@@ -49,6 +49,7 @@ class Scenario:
     partitions: int = 8
     variant: str = "full"
     settings: tuple[tuple[str, str], ...] = ()  # extra OMNILOG_* settings (tuning experiments)
+    ordered: bool = False  # started_at and event ids in arrival order (traffic.produce_backlog)
 
     @property
     def merger(self) -> bool:
@@ -171,7 +172,9 @@ async def drain(
     bootstrap = env.info.kafka_bootstrap_servers
     topic = await env.new_topic(scenario.label, scenario.partitions)
     db_name, url = await env.new_named_database(scenario.label.replace("-", "_"))
-    produced = await traffic.produce_backlog(bootstrap, topic, scenario.backlog, scenario.seed)
+    produced = await traffic.produce_backlog(
+        bootstrap, topic, scenario.backlog, scenario.seed, ordered=scenario.ordered
+    )
     group_name = env.name(scenario.label)
     settings = process_env(env, topic, url, group_name, dict(scenario.settings))
     workers = WorkerGroup.start(scenario.workers, settings, log_dir, scenario.label, scenario.variant)

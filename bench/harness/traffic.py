@@ -37,8 +37,33 @@ class Produced:
     seconds: float
 
 
-async def produce_backlog(bootstrap: str, topic: str, count: int, seed: int) -> Produced:
+_EVENT_ID = b'"event_id":"'
+# How far an event may arrive out of its started_at order in an ordered backlog: producers on
+# several gateway replicas, each sending as requests finish.
+ORDER_JITTER_MS = 2_000
+
+
+def in_arrival_order(value: bytes, position: int, count: int, end_ms: int, jitter_ms: int) -> bytes:
+    """`value` restamped as the `position`-th of `count` events of a stream that ran for SPAN_HOURS
+    until `end_ms`: started_at grows with the position (give or take `jitter_ms`), and the event_id's
+    UUIDv7 time prefix follows it, as the gateway's SDK makes them (pipeline/sdk). Same length."""
+    span_ms = int(SPAN_HOURS * 3_600_000)
+    jitter = (hash((position, count)) % (2 * jitter_ms + 1)) - jitter_ms if jitter_ms else 0
+    started_ms = min(end_ms, end_ms - span_ms + (position * span_ms) // max(count, 1) + jitter)
+    restamped = with_started_at(value, _stamp(datetime.fromtimestamp(started_ms / 1000, UTC)))
+    at = restamped.index(_EVENT_ID) + len(_EVENT_ID)
+    prefix = f"{started_ms:012x}".encode()  # the 48-bit millisecond time of a UUIDv7
+    return restamped[:at] + prefix[:8] + b"-" + prefix[8:] + restamped[at + 13 :]
+
+
+async def produce_backlog(
+    bootstrap: str, topic: str, count: int, seed: int, ordered: bool = False
+) -> Produced:
     """Send `config(count, seed)`'s messages as fast as the broker takes them.
+
+    `ordered`: started_at (and the event_id's time) grow with the position in the backlog, as in a
+    live stream that fell behind; otherwise they are spread at random over the span, so successive
+    events land anywhere in the hour (the generator's default, and the harder case for the indexes).
 
     Streams: the generator yields one message at a time and the sender holds a bounded number of
     batches, so 5 M events take no more memory than 5 k. (`run_load` also builds the generator's
@@ -46,9 +71,13 @@ async def produce_backlog(bootstrap: str, topic: str, count: int, seed: int) -> 
     sender = BatchSender(bootstrap, topic)
     await sender.start()
     began = time.monotonic()
+    end_ms = int(time.time() * 1000)
     try:
         for sent, message in enumerate(generate(config(count, seed)), start=1):
-            await sender.send(message.key, message.value)
+            value = message.value
+            if ordered:
+                value = in_arrival_order(value, sent - 1, count, end_ms, ORDER_JITTER_MS)
+            await sender.send(message.key, value)
             if sent % 1024 == 0:
                 await sender.flush_lingering()
     finally:
