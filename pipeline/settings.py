@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     # Batches in flight: 2 prepares the next batch while one commits (docs/ingest.md); 1 is one
     # flush at a time, about one batch's decoded events less memory (docs/performance.md).
     flush_pipeline_depth: int = Field(2, validation_alias=_env("OMNILOG_FLUSH_PIPELINE_DEPTH"), ge=1, le=2)
+    # Allocations between young garbage collections in the worker and the merger (pipeline/gc_tuning.py);
+    # 0 keeps CPython's default of 700.
+    gc_gen0_threshold: int = Field(50_000, validation_alias=_env("OMNILOG_GC_GEN0_THRESHOLD"), ge=0)
     gzip_member_bytes: int = Field(64 * 1024, validation_alias=_env("OMNILOG_GZIP_MEMBER_BYTES"), gt=1024)
     gzip_level: int = Field(1, validation_alias=_env("OMNILOG_GZIP_LEVEL"), ge=0, le=3)
     # How long an organization's own bucket may keep failing before the flush dead-letters that

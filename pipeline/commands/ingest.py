@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from pipeline.gc_tuning import tune_gc
 from pipeline.log_format import configure_logging
 from pipeline.settings import Settings, load_settings
 
@@ -38,6 +39,7 @@ async def _run(settings: Settings) -> int:
     from consumers.ingest.factory import build_worker
 
     worker = build_worker(settings)
+    tune_gc(settings.gc_gen0_threshold)
     loop = asyncio.get_running_loop()
     watchdog = _ShutdownWatchdog(settings.shutdown_grace_s + _SHUTDOWN_MARGIN_S)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from pipeline.gc_tuning import tune_gc
 from pipeline.log_format import configure_logging
 from pipeline.settings import Settings, load_settings
 
@@ -43,6 +44,7 @@ async def _run(settings: Settings) -> int:
     from consumers.merger.process import MergerProcess
 
     process = MergerProcess(settings)
+    tune_gc(settings.gc_gen0_threshold)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, process.request_stop)
