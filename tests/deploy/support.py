@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -119,3 +120,23 @@ def config_data(manifests: list[Manifest]) -> dict[str, str]:
     assert len(configs) == 1, "expected exactly one omnilog-config ConfigMap"
     data: dict[str, str] = configs[0]["data"]
     return data
+
+
+def assert_checkov_clean(directory: Path, min_passed: int) -> None:
+    """checkov over every manifest in `directory`: no failed check, no parsing error, more than
+    `min_passed` checks run (so the manifests did load), and every skip carries a real reason."""
+    result = subprocess.run(
+        [checkov(), "-d", str(directory), "--framework", "kubernetes", "--skip-download", "-o", "json"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=240,
+    )
+    report = json.loads(result.stdout)
+    failed = [(c["check_id"], c["resource"]) for c in report["results"]["failed_checks"]]
+    assert not failed, f"checkov failures: {failed}"
+    assert report["summary"]["parsing_errors"] == 0
+    assert report["summary"]["passed"] > min_passed, "checkov scanned too little: did the manifests load?"
+    for skipped in report["results"]["skipped_checks"]:
+        reason = skipped["check_result"].get("suppress_comment") or ""
+        assert len(reason) > 30, f"{skipped['check_id']} on {skipped['resource']} skipped without a reason"

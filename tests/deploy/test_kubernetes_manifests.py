@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from tests.deploy.support import (
     DEPLOY,
     RULES_FILE,
     Manifest,
-    checkov,
+    assert_checkov_clean,
     config_data,
     only,
     pod_specs,
@@ -102,21 +101,7 @@ def test_crd_schemas_reject_a_misspelt_field(rendered: Rendered) -> None:
 def test_checkov_passes_every_variant_and_every_skip_is_justified(rendered: Rendered, tmp_path: Path) -> None:
     for variant, manifests in rendered.items():
         (tmp_path / f"{variant}.yaml").write_text(yaml.safe_dump_all(manifests))
-    result = subprocess.run(
-        [checkov(), "-d", str(tmp_path), "--framework", "kubernetes", "--skip-download", "-o", "json"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=240,
-    )
-    report = json.loads(result.stdout)
-    failed = [(c["check_id"], c["resource"]) for c in report["results"]["failed_checks"]]
-    assert not failed, f"checkov failures: {failed}"
-    assert report["summary"]["parsing_errors"] == 0
-    assert report["summary"]["passed"] > 500, "checkov scanned too little: did the manifests load?"
-    for skipped in report["results"]["skipped_checks"]:
-        reason = skipped["check_result"].get("suppress_comment") or ""
-        assert len(reason) > 30, f"{skipped['check_id']} on {skipped['resource']} skipped without a reason"
+    assert_checkov_clean(tmp_path, min_passed=500)
 
 
 @pytest.mark.parametrize("variant", VARIANT_NAMES)

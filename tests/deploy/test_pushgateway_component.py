@@ -5,9 +5,7 @@ and scrapes in)."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -18,7 +16,7 @@ import yaml
 
 from pipeline.settings import load_settings
 from tests.deploy.crd_schemas import BY_KIND
-from tests.deploy.support import CRD_KINDS, KUBE, Manifest, checkov, config_data, kustomize, only
+from tests.deploy.support import CRD_KINDS, KUBE, Manifest, assert_checkov_clean, config_data, kustomize, only
 
 K8S_VERSIONS = ["1.28.0", "1.37.0"]
 GATEWAY = "omnilog-pushgateway"
@@ -101,18 +99,4 @@ def test_network_policies_let_pushes_and_scrapes_reach_the_gateway(manifests: li
 
 def test_checkov_passes_the_component(manifests: list[Manifest], tmp_path: Path) -> None:
     (tmp_path / "pushgateway.yaml").write_text(yaml.safe_dump_all(_gateway(manifests)))
-    result = subprocess.run(
-        [checkov(), "-d", str(tmp_path), "--framework", "kubernetes", "--skip-download", "-o", "json"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=240,
-    )
-    report = json.loads(result.stdout)
-    failed = [(c["check_id"], c["resource"]) for c in report["results"]["failed_checks"]]
-    assert not failed, f"checkov failures: {failed}"
-    assert report["summary"]["parsing_errors"] == 0
-    assert report["summary"]["passed"] > 50, "checkov scanned too little: did the manifests load?"
-    for skipped in report["results"]["skipped_checks"]:
-        reason = skipped["check_result"].get("suppress_comment") or ""
-        assert len(reason) > 30, f"{skipped['check_id']} on {skipped['resource']} skipped without a reason"
+    assert_checkov_clean(tmp_path, min_passed=50)
