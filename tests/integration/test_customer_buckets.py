@@ -74,6 +74,21 @@ def _credentials(stack_info: StackInfo) -> S3Credentials:
     return S3Credentials(stack_info.aws_access_key_id, stack_info.aws_secret_access_key)
 
 
+def _migrated_cli_env(
+    stack_info: StackInfo, database_url: str, make_settings: Any, **extra: str
+) -> tuple[Any, dict[str, str]]:
+    """A migrated database and the environment a CLI command against it runs with."""
+    asyncio.run(migrate(database_url))
+    settings = make_settings(database_url=database_url)
+    env = {
+        **stack_info.env(),
+        "OMNILOG_DATABASE_URL": database_url,
+        "OMNILOG_S3_BUCKET": settings.s3_bucket,
+        **extra,
+    }
+    return settings, env
+
+
 @pytest.fixture
 def customer_bucket(stack_info: StackInfo) -> str:
     """A bucket of the customer's (created by an administrator, as a customer would)."""
@@ -325,15 +340,7 @@ def test_cli_set_checks_the_bucket_with_the_profile_then_list_and_remove(
     customer_bucket: str,
     aws_profile: Path,
 ) -> None:
-    import asyncio
-
-    asyncio.run(migrate(fresh_database_url))
-    settings = make_settings(database_url=fresh_database_url)
-    env = {
-        **stack_info.env(),
-        "OMNILOG_DATABASE_URL": fresh_database_url,
-        "OMNILOG_S3_BUCKET": settings.s3_bucket,
-    }
+    _, env = _migrated_cli_env(stack_info, fresh_database_url, make_settings)
     runner = CliRunner()
     base = ["buckets", "set", "--org", CUSTOMER_ORG, "--profile", PROFILE]
     where = ["--endpoint-url", stack_info.s3_endpoint_url, "--region", "us-east-1"]
@@ -543,8 +550,10 @@ def test_logs_get_and_query_read_a_customer_bucket_with_the_profile(
     customer_bucket: str,
     aws_profile: Path,
 ) -> None:
-    asyncio.run(migrate(fresh_database_url))
-    settings = make_settings(database_url=fresh_database_url)
+    # The deployment's keys are wrong: only the profile can read the customer's events.
+    settings, env = _migrated_cli_env(
+        stack_info, fresh_database_url, make_settings, AWS_SECRET_ACCESS_KEY="not-the-secret"
+    )
 
     async def ingest() -> dict[str, bytes]:
         async with s3_client(settings) as s3:
@@ -554,13 +563,6 @@ def test_logs_get_and_query_read_a_customer_bucket_with_the_profile(
         return customer
 
     customer = asyncio.run(ingest())
-    # The deployment's keys are wrong: only the profile can read the customer's events.
-    env = {
-        **stack_info.env(),
-        "OMNILOG_DATABASE_URL": fresh_database_url,
-        "OMNILOG_S3_BUCKET": settings.s3_bucket,
-        "AWS_SECRET_ACCESS_KEY": "not-the-secret",
-    }
     runner = CliRunner()
     event_id, value = next(iter(customer.items()))
     got = runner.invoke(cli, ["logs", "get", event_id], env=env)
