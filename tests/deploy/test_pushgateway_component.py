@@ -1,11 +1,10 @@
-"""components/pushgateway on the prod overlay: it renders, validates against the Kubernetes schemas
-and checkov, and is wired as the maintain CronJob and Prometheus need it (the setting names the
-gateway's Service, the ServiceMonitor scrapes it with honorLabels, the network policies let pushes
-and scrapes in)."""
+"""components/pushgateway, which the dev and prod overlays include: it renders, validates against
+the Kubernetes schemas and checkov, and is wired as the maintain CronJob and Prometheus need it (the
+setting names the gateway's Service, the ServiceMonitor scrapes it with honorLabels, the network
+policies let pushes and scrapes in)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -23,14 +22,16 @@ GATEWAY = "omnilog-pushgateway"
 
 
 @pytest.fixture(scope="module")
-def manifests(tmp_path_factory: pytest.TempPathFactory) -> list[Manifest]:
-    tmp = tmp_path_factory.mktemp("pushgateway")
-    rel = os.path.relpath(KUBE, tmp)  # kustomize refuses absolute resource paths
-    (tmp / "kustomization.yaml").write_text(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: omnilog\n"
-        f"resources:\n  - {rel}/overlays/prod\ncomponents:\n  - {rel}/components/pushgateway\n"
-    )
-    return kustomize(tmp)
+def manifests() -> list[Manifest]:
+    return kustomize(KUBE / "overlays" / "prod")
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_both_overlays_report_maintenance_to_their_gateway(overlay: str) -> None:
+    # Without it the maintain CronJob's metrics reach no one and OmnilogMaintenanceNotReported fires.
+    rendered = kustomize(KUBE / "overlays" / overlay)
+    assert only(rendered, "Deployment", GATEWAY)
+    assert config_data(rendered)["OMNILOG_MAINTAIN_PUSHGATEWAY_URL"] == f"http://{GATEWAY}:9091"
 
 
 def _gateway(manifests: list[Manifest]) -> list[Manifest]:
