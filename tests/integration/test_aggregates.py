@@ -309,8 +309,57 @@ async def test_rollups_exact_after_crashes_restarts_two_workers_duplicates_and_l
 
     # Two workers at a time, each killed (-9) at fail points and restarted, merging as they go.
     await crash_workers_then_finish_clean(settings, fresh_database_url, end_offsets, tmp_path, min_crashes=3)
-    summary = await verify_rollups(fresh_database_url, Oracle(events))
+    try:
+        # First the worker's half (each event indexed once), then the deltas' and merger's half: a
+        # failure names the half that lost or doubled something.
+        await assert_indexed_exactly_once(fresh_database_url, events)
+        summary = await verify_rollups(fresh_database_url, Oracle(events))
+    except AssertionError as failure:
+        raise AssertionError(f"{failure}\n{await crash_diagnostics(fresh_database_url, tmp_path)}") from None
     assert summary["log_rows"] > 300 and summary["usage_daily"] > 50
+
+
+async def assert_indexed_exactly_once(database_url: str, events: list[dict[str, Any]]) -> None:
+    """Every event sent has exactly one log_index row, and no other row is there."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("SELECT id::text AS id, count(*) AS n FROM log_index GROUP BY id")
+    finally:
+        await conn.close()
+    indexed = {r["id"]: r["n"] for r in rows}
+    sent = {e["event_id"] for e in events}
+    missing, unexpected = sent - set(indexed), set(indexed) - sent
+    twice = sorted(i for i, n in indexed.items() if n > 1)
+    assert not (missing or unexpected or twice), (
+        f"log_index: {len(missing)} events missing {sorted(missing)[:5]}, {len(twice)} indexed more "
+        f"than once {twice[:5]}, {len(unexpected)} unexpected"
+    )
+
+
+# Worker log messages that mark the moments where an offset or a delta could go astray.
+_NOTABLE = ("outside the log", "fenced", "abandoning", "permanent error", "isolated", "Traceback", "error")
+
+
+async def crash_diagnostics(database_url: str, logs: Path) -> str:
+    """What to read when the crash test fails: stored offsets, deltas left per table, isolated keys
+    and the notable lines of every worker log (kept under `logs`)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        offsets = await conn.fetch("SELECT partition, next_offset FROM ingest_offsets ORDER BY partition")
+        left = {t.name: await conn.fetchval(f"SELECT count(*) FROM {t.name}") for t in merger.FOLDED_TABLES}
+        isolated = await merger.list_isolated(conn)
+    finally:
+        await conn.close()
+    lines = [
+        f"{path.name}: {line}"
+        for path in sorted(logs.glob("*.log"))
+        for line in path.read_text(errors="replace").splitlines()
+        if any(mark in line for mark in _NOTABLE)
+    ]
+    return (
+        f"stored offsets {[tuple(r) for r in offsets]}; deltas left {left}; isolated {isolated}; "
+        f"worker logs in {logs}, notable lines ({len(lines)}):\n" + "\n".join(lines[:40])
+    )
 
 
 async def _wait_for_log(path: Path, text: str, timeout: float) -> None:
