@@ -479,9 +479,18 @@ def _bucket_section(counts: npt.NDArray[np.uint64]) -> tuple[int, int, bytes]:
     if counts.size == 0:
         return _LAYOUT_SPARSE, 0, _EMPTY_BYTES
     # Both layouts are sized first; only the smaller one is written (sparse on a tie).
-    count_lengths = _varint_lengths(counts)
     nonzero = np.flatnonzero(counts)
     gaps = (np.diff(nonzero) - 1).astype(np.uint64)
+    if int(counts.max()) < 0x80 and (gaps.size == 0 or int(gaps.max()) < 0x80):
+        # Every count and gap is one byte, its own value: no varint table to build.
+        if counts.size < gaps.size + nonzero.size:
+            return _LAYOUT_DENSE, counts.size, counts.astype(np.uint8).tobytes()
+        return (
+            _LAYOUT_SPARSE,
+            nonzero.size,
+            np.concatenate((gaps, counts[nonzero])).astype(np.uint8).tobytes(),
+        )
+    count_lengths = _varint_lengths(counts)
     gap_lengths = _varint_lengths(gaps)
     sparse_size = int(gap_lengths.sum()) + int(count_lengths[nonzero].sum())
     if int(count_lengths.sum()) < sparse_size:
@@ -511,6 +520,14 @@ def _bucket_section_sparse(span: int, nonzero: list[int], present: list[int]) ->
     """`_bucket_section` of a store of `span` keys given by its non-empty buckets (positions and
     counts), in pure Python (same bytes): each empty bucket of the span costs one byte dense."""
     gaps = [b - a - 1 for a, b in pairwise(nonzero)]
+    if max(present) < 0x80 and (not gaps or max(gaps) < 0x80):
+        # The common case: every count and gap is one byte, its own value (no varint to build).
+        if span < len(gaps) + len(present):  # dense: one byte per key of the span
+            dense = [0] * span
+            for i, c in zip(nonzero, present, strict=True):
+                dense[i] = c
+            return _LAYOUT_DENSE, span, bytes(dense)
+        return _LAYOUT_SPARSE, len(present), bytes(gaps + present)
     present_size = sum(map(_varint_size, present))
     dense_size = span - len(present) + present_size
     sparse_size = sum(map(_varint_size, gaps)) + present_size
