@@ -1,11 +1,12 @@
-"""One-worker drains of a backlog in arrival order: does the rate hold as the data grows?
+"""One-worker drains alone, by arrival order: does the rate hold as the data grows?
 
-`omnilog bench` spreads each backlog's `started_at` (and so the UUIDv7 event ids) at random over
-an hour, so every insert lands at a random place in `log_index`'s primary key and time indexes.
-A live stream that fell behind arrives roughly in time order instead. This runs the same drains
-as `omnilog bench` (bench/harness/ingest.py: 1 worker + 1 `omnilog merge`, CPU per process,
-pg_stat_statements), with `traffic.produce_backlog(ordered=True)`: started_at and the event ids
-grow with the position, give or take 2 s. It starts its own embedded stack and removes it.
+A live stream that fell behind arrives roughly in time order: `traffic.produce_backlog(ordered=True)`
+makes started_at and the UUIDv7 event ids grow with the position, give or take 2 s, as `omnilog
+bench` now does for every backlog. `--arrival random` spreads them at random over the hour instead
+(every insert lands at a random place in `log_index`'s primary key and time indexes: the worst
+case, and what `omnilog bench` did before). The drains are `omnilog bench`'s (bench/harness/ingest.py:
+1 worker + 1 `omnilog merge`, CPU per process, pg_stat_statements) without the rest of the run. It
+starts its own embedded stack and removes it.
 
     .venv/bin/python bench/ordered_drains.py 200000 1000000 5000000 --out bench/results/ordered-drains.json
 
@@ -22,13 +23,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.harness import ingest
+from bench.harness import ingest, traffic
 from bench.harness.env import BenchEnv, own_stack
 
 KEPT = ("events", "events_per_s", "aggregates_events_per_s", "fifths_events_per_s", "peak_rss_mib", "cpu")
 
 
-async def run(sizes: list[int], out: Path) -> list[dict[str, Any]]:
+async def run(sizes: list[int], out: Path, ordered: bool = True) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     logs = Path(tempfile.mkdtemp(prefix="omnilog-ordered-"))
     with own_stack(None) as info:
@@ -36,12 +37,15 @@ async def run(sizes: list[int], out: Path) -> list[dict[str, Any]]:
         await env.ensure_bucket()
         try:
             for size in sizes:
-                label = f"ordered-{size}"
-                scenario = ingest.Scenario(label, 1, size, seed=11, ordered=True)
+                scenario = ingest.Scenario(
+                    f"{traffic.arrival(ordered)}-{size}", 1, size, seed=11, ordered=ordered
+                )
+                label = scenario.label
                 drained = await ingest.drain(env, scenario, logs)
                 await env.drop_topic(env.name(label))
                 top = drained["statements"].get("top", [])[:5]
-                row = {"backlog": size, **{k: drained[k] for k in KEPT}, "top_statements": top}
+                row = {"backlog": size, "arrival": scenario.arrival, **{k: drained[k] for k in KEPT}}
+                row["top_statements"] = top
                 results.append(row)
                 print(json.dumps(row, default=str), flush=True)
                 text = json.dumps(results, indent=1, default=str) + "\n"
@@ -55,8 +59,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sizes", nargs="+", type=int, help="backlog sizes, one drain each")
     parser.add_argument("--out", type=Path, default=Path("bench/results/ordered-drains.json"))
+    parser.add_argument(
+        "--arrival", choices=(traffic.ORDERED, traffic.RANDOM), default=traffic.ORDERED,
+        help="started_at and event ids growing with the position (default) or spread at random",
+    )  # fmt: skip
     args = parser.parse_args()
-    asyncio.run(run(args.sizes, args.out))
+    asyncio.run(run(args.sizes, args.out, ordered=args.arrival == traffic.ORDERED))
 
 
 if __name__ == "__main__":

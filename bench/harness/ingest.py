@@ -52,6 +52,11 @@ class Scenario:
     ordered: bool = False  # started_at and event ids in arrival order (traffic.produce_backlog)
 
     @property
+    def arrival(self) -> str:
+        """How the backlog's events arrive, as results and reports name it (traffic.arrival)."""
+        return traffic.arrival(self.ordered)
+
+    @property
     def merger(self) -> bool:
         """The product folds deltas in one `omnilog merge` process; the variants fold none."""
         return self.variant == "full"
@@ -233,6 +238,7 @@ async def drain(
     return {
         "workers": scenario.workers,
         "variant": scenario.variant,
+        "arrival": scenario.arrival,
         "settings": dict(scenario.settings),
         "partitions": scenario.partitions,
         "events": events,

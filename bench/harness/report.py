@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bench.harness.targets import arrival_of
+
 # (result key, label) of every throughput bar, in chart order.
 THROUGHPUT = (
     ("ceiling_kafka_confluent", "Kafka consume, confluent-kafka (ref.)"),
@@ -20,6 +22,7 @@ THROUGHPUT = (
     ("drain_200k", "ingest end to end, 1 worker, 200 k backlog"),
     ("ingest_1_worker", "ingest end to end, 1 worker, reference backlog"),
     ("drain_5m", "ingest end to end, 1 worker, 5 M backlog"),
+    ("drain_1m_random", "ingest end to end, 1 worker, 1 M backlog"),
     ("ingest_2_workers", "ingest end to end, 2 workers"),
     ("peer_faust", "faust-streaming peer"),
 )
@@ -46,24 +49,35 @@ def _num(value: float | None, digits: int = 1) -> str:
 PROCESSES = ("worker", "merger", "postgres", "broker", "s3", "harness", "unattributed")
 
 
+def arrival_label(r: dict[str, Any]) -> str:
+    """How a drain's backlog arrived, for its label (results without the field: random)."""
+    arrival = arrival_of(r)
+    return f"{arrival} arrival" + (" (worst case)" if arrival == "random" and "ratio_to_ordered" in r else "")
+
+
 def drain_rows(s: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
-    """(key, label, result) of every drain, the 1-worker ones by size, then the scaling ones."""
-    rows = [(k, f"1 worker, {v['events']:,} backlog", v) for k, v in s.items() if k.startswith("drain_")]
-    rows.sort(key=lambda r: int(r[2]["events"]))
+    """(key, label, result) of every drain, the 1-worker ones by size (arrival order before random
+    at the same size), then the scaling ones."""
+    rows = [
+        (k, f"1 worker, {v['events']:,} backlog, {arrival_label(v)}", v)
+        for k, v in s.items()
+        if k.startswith("drain_")
+    ]
+    rows.sort(key=lambda r: (int(r[2]["events"]), arrival_of(r[2]) != "ordered"))
     scaling = s.get("scaling_workers", {})
     for key in sorted((k for k in scaling if k.startswith("workers_")), key=lambda k: int(k.split("_")[1])):
         r = scaling[key]
-        rows.append((f"scaling_workers.{key}", f"{r['workers']} worker(s), {r['events']:,} backlog", r))
+        label = f"{r['workers']} worker(s), {r['events']:,} backlog, {arrival_label(r)}"
+        rows.append((f"scaling_workers.{key}", label, r))
     return rows
 
 
 def _unique(rows: list[tuple[str, str, dict[str, Any]]]) -> list[tuple[str, str, dict[str, Any]]]:
-    """Each drain once: the scaling's 1-worker point may be a 1-worker drain of the same size."""
-    seen: set[int] = set()
-    out = []
+    """Each drain once: the scaling's 1-worker point may be a 1-worker drain of the same size (the
+    same object in a run, an equal copy once read back from JSON)."""
+    out: list[tuple[str, str, dict[str, Any]]] = []
     for row in rows:
-        if id(row[2]) not in seen:
-            seen.add(id(row[2]))
+        if not any(row[2] is kept[2] or row[2] == kept[2] for kept in out):
             out.append(row)
     return out
 
@@ -74,6 +88,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Mode `{result['mode']}`, {result['machine']['cpus']} cores, all services co-located, "
         f"commit `{result['git_commit']}`, {result['started_at']}, run took {result['duration_s']:,.0f} s.",
         "",
+        _arrival_line(result),
+        "",
         "| scenario | events | events/s | notes |",
         "|---|---:|---:|---|",
     ]
@@ -83,8 +99,11 @@ def markdown(result: dict[str, Any]) -> str:
             continue  # a drain that is also the reference appears once
         r = s[key]
         shown.add(id(r))
+        arrival = f", {arrival_label(r)}" if "workers" in r else ""  # a drain: how its backlog arrived
         notes = ""
-        if "ratio_to" in r:
+        if "ratio_to_ordered" in r:
+            notes = f"{_times(r['ratio_to_ordered'].get('events_per_s'))} the same drain in arrival order"
+        elif "ratio_to" in r:
             ratio = r["ratio_to"]
             notes = (
                 f"{ratio['copy']:.2f}× COPY, {ratio['kafka_aiokafka']:.2f}× Kafka, {ratio['gzip']:.3f}× gzip"
@@ -94,8 +113,9 @@ def markdown(result: dict[str, Any]) -> str:
         elif key == "peer_faust":
             notes = f"batches of {r['batch']}; ours is {r['ours_over_peer']}× this"
         if r.get("aggregates_events_per_s"):
-            notes = f"{_fmt(r['aggregates_events_per_s'])}/s with the aggregates caught up; " + notes
-        lines.append(f"| {label} | {_fmt(r['events'])} | {_fmt(r['events_per_s'])} | {notes} |")
+            caught_up = f"{_fmt(r['aggregates_events_per_s'])}/s with the aggregates caught up"
+            notes = f"{caught_up}; {notes}" if notes else caught_up
+        lines.append(f"| {label}{arrival} | {_fmt(r['events'])} | {_fmt(r['events_per_s'])} | {notes} |")
     f = s["freshness"]
     vis = f.get("aggregates_visible", {})
     lines.append(
@@ -120,8 +140,33 @@ def markdown(result: dict[str, Any]) -> str:
     for key, label, r in _unique(drain_rows(s)):
         if key.startswith("drain_"):
             lines += ["", *_statements_table(label, r)]
-    lines += ["", *_targets_table(result["targets"])]
+    lines += ["", *_targets_table(result["targets"], result.get("version", 0))]
     return "\n".join(lines) + "\n"
+
+
+def _times(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def _arrival_line(result: dict[str, Any]) -> str:
+    traffic = result.get("traffic", {})
+    arrival = traffic.get("arrival", "random")
+    if arrival == "ordered":
+        text = (
+            f"Backlogs arrive in time order (started_at and the UUIDv7 event ids grow with the position, "
+            f"± {traffic.get('order_jitter_ms', 0) / 1000:g} s), as a gateway's stream that fell behind"
+        )
+    else:
+        text = "Backlogs arrive in random order (started_at and event ids spread at random over the hour)"
+    worst = [r for r in result["scenarios"].values() if isinstance(r, dict) and "ratio_to_ordered" in r]
+    if worst:
+        r = worst[0]
+        text += (
+            f"; the worst case, {r['events']:,} events in random order, drains at "
+            f"{_times(r['ratio_to_ordered'].get('events_per_s'))} the ordered rate to the index and "
+            f"{_times(r['ratio_to_ordered'].get('aggregates_events_per_s'))} with the aggregates"
+        )
+    return text + "."
 
 
 def _drains_table(s: dict[str, Any]) -> list[str]:
@@ -237,13 +282,17 @@ def _statements_table(label: str, r: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _targets_table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["| target | goal | reached | met |", "|---|---|---:|---|"]
+def _targets_table(rows: list[dict[str, Any]], version: int) -> list[str]:
+    """The targets with the arrival order their figure was measured with (runs before version 3
+    drained every backlog in random order and stored no arrival)."""
+    lines = ["| target | goal | reached | met | arrival |", "|---|---|---:|---|---|"]
     for t in rows:
         value = "–" if t["value"] is None else f"{t['value']:,}"
         status = {"met": "yes", "not met": "**no**"}.get(t["status"], t["status"])
         note = f" ({t['note']})" if t.get("note") else ""
-        lines.append(f"| {t['target']} | {t['goal']} | {value} | {status}{note} |")
+        measured = t["value"] is not None
+        arrival = t.get("arrival") or ("random" if version < 3 and measured else "–")
+        lines.append(f"| {t['target']} | {t['goal']} | {value} | {status}{note} | {arrival} |")
     return lines
 
 

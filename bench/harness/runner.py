@@ -38,6 +38,10 @@ class Plan:
     scaling_workers: tuple[int, ...]
     stage_events: int  # the aggregate stage alone, 1 and 3 writers
     variants_backlog: int  # 0: skip the cost-attribution variants
+    # Every backlog arrives in time order (a gateway's stream that fell behind: traffic.py), and
+    # one more drain of the reference size arrives in random order, labelled as the worst case.
+    ordered: bool = True
+    random_drain: bool = True
 
     @classmethod
     def quick(cls) -> Plan:
@@ -51,6 +55,45 @@ class Plan:
 
     def with_drains(self, sizes: tuple[int, ...]) -> Plan:
         return replace(self, drains=tuple(sorted(set(sizes))))
+
+    def without_random_drain(self) -> Plan:
+        return replace(self, random_drain=False)
+
+    def with_arrival(self, ordered: bool) -> Plan:
+        """Random arrival everywhere leaves no ordered drain to compare a worst case with."""
+        return replace(self, ordered=ordered, random_drain=self.random_drain and ordered)
+
+    @property
+    def arrival(self) -> str:
+        return traffic.arrival(self.ordered)
+
+    def one_worker_drains(self) -> list[tuple[str, ingest.Scenario]]:
+        """(result key, scenario) of the 1-worker drains, smallest first, then the worst case:
+        the reference size again in random order."""
+        drains = [(drain_key(size), self._scenario(drain_key(size), 1, size, 1)) for size in self.drains]
+        if self.random_drain:
+            worst = drain_key(self.reference_drain, traffic.RANDOM)
+            drains.append((worst, replace(self._scenario(worst, 1, self.reference_drain, 1), ordered=False)))
+        return drains
+
+    def scaling_scenarios(self) -> dict[int, ingest.Scenario]:
+        """Workers -> scenario on the scaling backlog (same seed as the drains: the same events)."""
+        return {n: self._scenario(f"scale-{n}", n, self.scaling_backlog, 1) for n in self.scaling_workers}
+
+    def variant_scenarios(self) -> list[tuple[str, ingest.Scenario]]:
+        """(result key, scenario) of the cost-attribution variants; none when variants_backlog is 0."""
+        if not self.variants_backlog:
+            return []
+        return [
+            (f"variant_{v.replace('-', '_')}", self._scenario(f"variant-{v}", 1, self.variants_backlog, 3, v))
+            for v in ("index-only", "no-merger")
+        ]
+
+    def _scenario(
+        self, key: str, workers: int, size: int, seed: int, variant: str = "full"
+    ) -> ingest.Scenario:
+        label = key.replace("_", "-")
+        return ingest.Scenario(label, workers, size, seed=seed, variant=variant, ordered=self.ordered)
 
     @property
     def reference_drain(self) -> int:
@@ -78,13 +121,15 @@ SCENARIOS = (
 )
 
 
-def drain_key(events: int) -> str:
-    """`drain_200k`, `drain_1m`, `drain_5m`, `drain_30k` ..."""
+def drain_key(events: int, arrival: str = traffic.ORDERED) -> str:
+    """`drain_200k`, `drain_1m`, `drain_5m`, `drain_30k` ...; the worst case `drain_1m_random`."""
     if events % 1_000_000 == 0:
-        return f"drain_{events // 1_000_000}m"
-    if events % 1_000 == 0:
-        return f"drain_{events // 1_000}k"
-    return f"drain_{events}"
+        key = f"drain_{events // 1_000_000}m"
+    elif events % 1_000 == 0:
+        key = f"drain_{events // 1_000}k"
+    else:
+        key = f"drain_{events}"
+    return key if arrival == traffic.ORDERED else f"{key}_{arrival}"
 
 
 def parse_sizes(text: str) -> tuple[int, ...]:
@@ -123,20 +168,23 @@ async def run(env: BenchEnv, plan: Plan, work_dir: Path, log: Log, profile: bool
     # Kafka ceilings read those very messages.
     reference = plan.reference_drain
     profile_dir = work_dir / "profile" if profile else None
-    for size in plan.drains:
-        is_ref = size == reference
-        scenario = ingest.Scenario(drain_key(size).replace("_", "-"), 1, size, seed=1)
+    reference_key = drain_key(reference)
+    for key, scenario in plan.one_worker_drains():
+        is_ref = key == reference_key
         await step(
-            drain_key(size),
+            key,
             lambda s=scenario, r=is_ref: ingest.drain(  # type: ignore[misc]
                 env, s, logs, profile_dir if r else None, keep_topic=r
             ),
         )
-    e2e_1 = results[drain_key(reference)]
+    e2e_1 = results[reference_key]
+    if plan.random_drain:
+        worst = results[drain_key(reference, traffic.RANDOM)]
+        worst["ratio_to_ordered"] = _ratio_to_ordered(worst, e2e_1)
     results["ingest_1_worker"] = e2e_1
     if profile_dir is not None and (profile_dir / "profile.txt").exists():
         e2e_1["profile"] = summarize(profile_dir / "profile.txt")
-    topic_1 = env.name(drain_key(reference).replace("_", "-"))
+    topic_1 = env.name(reference_key.replace("_", "-"))
     bootstrap = env.info.kafka_bootstrap_servers
     await step("ceiling_kafka_aiokafka", lambda: ceilings.kafka_aiokafka(bootstrap, topic_1, reference))
     await step(
@@ -144,7 +192,8 @@ async def run(env: BenchEnv, plan: Plan, work_dir: Path, log: Log, profile: bool
     )
     await env.drop_topic(topic_1)
 
-    values = traffic.values(plan.ceiling_events, seed=1)  # a prefix of the same backlog
+    # The first events of the same backlog, arriving as the drains' did.
+    values = traffic.values(plan.ceiling_events, seed=1, ordered=plan.ordered)
     events = ceilings.validated(values)
 
     async def sync(call: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -160,17 +209,15 @@ async def run(env: BenchEnv, plan: Plan, work_dir: Path, log: Log, profile: bool
     await step("scaling_workers", lambda: _scaling_workers(env, plan, logs, results))
     results["ingest_2_workers"] = results["scaling_workers"].get("workers_2", {})
 
-    for variant in ("index-only", "no-merger") if plan.variants_backlog else ():
-        await step(
-            f"variant_{variant.replace('-', '_')}", _variant(env, variant, plan.variants_backlog, logs)
-        )
+    for key, scenario in plan.variant_scenarios():
+        await step(key, lambda s=scenario: ingest.drain(env, s, logs))  # type: ignore[misc]
 
     await step("peer_faust", lambda: run_peer(env, plan.peer_events, seed=4, log_dir=logs))
 
     half = e2e_1["events_per_s"] / 2
     await step("freshness", lambda: ingest.freshness(env, half, plan.freshness_s, seed=5, log_dir=logs))
 
-    drained = {drain_key(size): max(results[drain_key(size)]["peak_rss_mib"]) for size in plan.drains}
+    drained = {key: max(results[key]["peak_rss_mib"]) for key in results if key.startswith("drain_")}
     results["memory"] = {
         "backlog_events": max(plan.drains),
         "peak_rss_mib": max(drained.values()),
@@ -186,7 +233,7 @@ async def run(env: BenchEnv, plan: Plan, work_dir: Path, log: Log, profile: bool
         e2e_1["events_per_s"] / results["peer_faust"]["events_per_s"], 2
     )
     return {
-        "version": 2,
+        "version": 3,
         "mode": plan.mode,
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "duration_s": round(time.monotonic() - began, 1),
@@ -195,6 +242,9 @@ async def run(env: BenchEnv, plan: Plan, work_dir: Path, log: Log, profile: bool
         "traffic": {
             "generator": "pipeline.devtools.loadgen",
             "span_hours": traffic.SPAN_HOURS,
+            # Every drain and ceiling unless its own "arrival" says otherwise (drain_*_random).
+            "arrival": plan.arrival,
+            "order_jitter_ms": traffic.ORDER_JITTER_MS if plan.ordered else None,
             "valid_only": True,
             "mean_value_bytes": round(sum(map(len, values)) / len(values), 1),
         },
@@ -204,23 +254,15 @@ async def run(env: BenchEnv, plan: Plan, work_dir: Path, log: Log, profile: bool
     }
 
 
-def _variant(
-    env: BenchEnv, variant: str, backlog: int, logs: Path
-) -> Callable[[], Awaitable[dict[str, Any]]]:
-    scenario = ingest.Scenario(f"variant-{variant}", 1, backlog, seed=3, variant=variant)
-    return lambda: ingest.drain(env, scenario, logs)
-
-
 async def _scaling_workers(env: BenchEnv, plan: Plan, logs: Path, done: dict[str, Any]) -> dict[str, Any]:
     """1, 2, 4 ... workers (and the one merger) on the same backlog over 8 partitions. The
     1-worker point is the 1-worker drain of that size when the run has one (same seed: the same
     events), so it is not drained twice."""
     out: dict[str, Any] = {"backlog": plan.scaling_backlog, "partitions": 8}
-    for workers in plan.scaling_workers:
+    for workers, scenario in plan.scaling_scenarios().items():
         if workers == 1 and plan.scaling_backlog in plan.drains:
             out["workers_1"] = done[drain_key(plan.scaling_backlog)]
             continue
-        scenario = ingest.Scenario(f"scale-{workers}", workers, plan.scaling_backlog, seed=1)
         out[f"workers_{workers}"] = await ingest.drain(env, scenario, logs)
     base = out.get("workers_1", {}).get("events_per_s")
     for workers in plan.scaling_workers:
@@ -237,6 +279,13 @@ async def _stage_scaling(env: BenchEnv, count: int, events: list[Any]) -> dict[s
         out[f"stage_{writers}"] = await extension_rate(url, events[:count], writers)
     out["stage_3_over_1"] = round(out["stage_3"]["events_per_s"] / out["stage_1"]["events_per_s"], 2)
     return out
+
+
+def _ratio_to_ordered(worst: dict[str, Any], ordered: dict[str, Any]) -> dict[str, float | None]:
+    """The random-arrival drain's rates over the same-size drain in arrival order."""
+    return {
+        key: ratio(worst.get(key), ordered.get(key)) for key in ("events_per_s", "aggregates_events_per_s")
+    }
 
 
 def _ratios(per_s: float, results: dict[str, Any]) -> dict[str, float]:

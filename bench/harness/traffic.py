@@ -26,9 +26,24 @@ def config(count: int, seed: int, span_hours: float = SPAN_HOURS) -> LoadConfig:
     return LoadConfig(count=count, seed=seed, span_hours=span_hours)
 
 
-def values(count: int, seed: int) -> list[bytes]:
-    """The exact bytes a backlog of `config(count, seed)` puts on the topic."""
-    return [m.value for m in generate(config(count, seed))]
+def values(count: int, seed: int, ordered: bool = False) -> list[bytes]:
+    """The exact bytes a backlog of `config(count, seed)` puts on the topic; `ordered`: restamped
+    in arrival order as `produce_backlog(ordered=True)` does, ending now."""
+    raw = [m.value for m in generate(config(count, seed))]
+    if not ordered:
+        return raw
+    end_ms = int(time.time() * 1000)
+    return [in_arrival_order(v, i, count, end_ms, ORDER_JITTER_MS) for i, v in enumerate(raw)]
+
+
+ORDERED, RANDOM = "ordered", "random"
+
+
+def arrival(ordered: bool) -> str:
+    """The name results use: "ordered" (a live stream's backlog, roughly in time order) or
+    "random" (started_at and event ids spread at random over the span: the indexes' worst case).
+    Results written before the field existed had random arrival."""
+    return ORDERED if ordered else RANDOM
 
 
 @dataclass(frozen=True)
@@ -50,6 +65,12 @@ def in_arrival_order(value: bytes, position: int, count: int, end_ms: int, jitte
     span_ms = int(SPAN_HOURS * 3_600_000)
     jitter = (hash((position, count)) % (2 * jitter_ms + 1)) - jitter_ms if jitter_ms else 0
     started_ms = min(end_ms, end_ms - span_ms + (position * span_ms) // max(count, 1) + jitter)
+    return stamped_at(value, started_ms)
+
+
+def stamped_at(value: bytes, started_ms: int) -> bytes:
+    """`value` with started_at and the event_id's UUIDv7 time prefix set to `started_ms`, as the
+    gateway's SDK makes them at the request (pipeline/sdk). Same length: a splice, no re-encode."""
     restamped = with_started_at(value, _stamp(datetime.fromtimestamp(started_ms / 1000, UTC)))
     at = restamped.index(_EVENT_ID) + len(_EVENT_ID)
     prefix = f"{started_ms:012x}".encode()  # the 48-bit millisecond time of a UUIDv7
@@ -98,7 +119,8 @@ def with_started_at(value: bytes, stamp: bytes) -> bytes:
 
 
 async def produce_at_rate(bootstrap: str, topic: str, rate: float, duration_s: float, seed: int) -> Produced:
-    """Send `rate` events/s for `duration_s`, each stamped started_at = its send time (ms).
+    """Send `rate` events/s for `duration_s`, each stamped started_at = its send time (ms), its
+    event_id's time too (a live stream: arrival order by nature).
 
     Sends in 10 ms ticks: every tick sends the events due by then, stamped with that tick's clock.
     """
@@ -111,9 +133,9 @@ async def produce_at_rate(bootstrap: str, topic: str, rate: float, duration_s: f
         while (elapsed := time.monotonic() - began) < duration_s:
             due = int(elapsed * rate) - sent
             if due > 0:
-                stamp = _stamp(datetime.now(UTC))
+                now_ms = int(time.time() * 1000)
                 for _ in range(due):
-                    await sender.send(None, with_started_at(next(source), stamp))
+                    await sender.send(None, stamped_at(next(source), now_ms))
                 sent += due
             await sender.flush_lingering()
             await asyncio.sleep(0.01)

@@ -42,6 +42,21 @@ import click
     "--quick, else 200k,1m,5m]. The 1 M drain (else the largest) is the reference the ratios, CPU and "
     "memory targets use; targets whose drain was not chosen say 'not measured'.",
 )
+@click.option(
+    "--arrival",
+    type=click.Choice(["ordered", "random"]),
+    default="ordered",
+    show_default=True,
+    help="How every backlog's events arrive: roughly in time order as a gateway's stream does "
+    "(started_at and the UUIDv7 event ids grow, ±2 s), or spread at random over the hour (the "
+    "indexes' worst case; every run before arrival order was the default).",
+)
+@click.option(
+    "--no-random-drain",
+    is_flag=True,
+    help="Skip the worst-case drain: the reference size once more, arriving in random order "
+    "(reported in its own row with its ratio to the ordered drain). Implied by --arrival random.",
+)
 @click.option("--profile", is_flag=True, help="py-spy the reference drain (profile.svg in --out).")
 @click.option("--no-chart", is_flag=True, help="Skip the PNG chart.")
 def command(
@@ -50,6 +65,8 @@ def command(
     root: Path | None,
     out: Path,
     drains: str | None,
+    arrival: str,
+    no_random_drain: bool,
     profile: bool,
     no_chart: bool,
 ) -> None:
@@ -75,6 +92,9 @@ def command(
             plan = plan.with_drains(parse_sizes(drains))
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--drains") from None
+    plan = plan.with_arrival(ordered=arrival == "ordered")
+    if no_random_drain:
+        plan = plan.without_random_drain()
 
     def say(line: str) -> None:
         click.echo(f"bench: {line}", err=True)

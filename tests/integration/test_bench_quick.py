@@ -1,6 +1,8 @@
 """`omnilog bench --quick` end to end on the session's stack: every scenario and every figure of
-every drain is there (both clocks, fifths, CPU per process, per-statement times), and targets the
-quick sizes do not measure say "not measured". No thresholds: speed is reported, not asserted."""
+every drain is there (both clocks, fifths, CPU per process, per-statement times), every backlog
+arrives in time order but the one worst-case drain (random arrival, its ratio to the ordered one),
+and targets the quick sizes do not measure say "not measured". No thresholds: speed is reported,
+not asserted."""
 
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def _positive_numbers(value: object) -> list[float]:
     return []
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_bench_quick_reports_every_scenario(stack_info: StackInfo, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMNILOG_")} | stack_info.env()
     completed = subprocess.run(
@@ -41,7 +43,7 @@ def test_bench_quick_reports_every_scenario(stack_info: StackInfo, tmp_path: Pat
         check=False,
         capture_output=True,
         text=True,
-        timeout=230,
+        timeout=290,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
 
@@ -59,12 +61,21 @@ def test_bench_quick_reports_every_scenario(stack_info: StackInfo, tmp_path: Pat
 
     reference = scenarios["ingest_1_worker"]
     assert reference["events"] == result["plan"]["reference_drain"] == result["plan"]["drains"][-1]
+    assert result["traffic"]["arrival"] == "ordered"
     drains = [scenarios[f"drain_{n // 1000}k"] for n in result["plan"]["drains"]]
     scaling = scenarios["scaling_workers"]
     for workers in result["plan"]["scaling_workers"]:
         drains.append(scaling[f"workers_{workers}"])
     for drain in drains:
         _check_drain(drain)
+        assert drain["arrival"] == "ordered"
+    worst = scenarios[f"drain_{reference['events'] // 1000}k_random"]
+    _check_drain(worst)
+    assert worst["arrival"] == "random" and worst["events"] == reference["events"]
+    assert worst["ratio_to_ordered"]["events_per_s"] == round(
+        worst["events_per_s"] / reference["events_per_s"], 3
+    )
+    assert "random arrival (worst case)" in completed.stdout
     assert scaling["workers_1"] is not None and len(result["plan"]["scaling_workers"]) >= 2
     for workers in result["plan"]["scaling_workers"][1:]:
         assert scaling[f"speedup_{workers}_over_1"] > 0, workers
@@ -89,9 +100,11 @@ def test_bench_quick_reports_every_scenario(stack_info: StackInfo, tmp_path: Pat
     assert rows["5 M drain rate / 200 k drain rate"]["status"] == "not measured"
     assert rows["aggregates visible after commit, p99 (s)"]["value"] == visible["p99_s"]
     assert rows["worker peak RSS, every drain (MiB)"]["value"] == scenarios["memory"]["peak_rss_mib"]
+    assert rows["worker peak RSS, every drain (MiB)"]["arrival"] == "ordered + random"
+    assert scenarios["memory"]["peak_rss_mib_per_drain"].keys() == {"drain_30k", "drain_30k_random"}
 
     assert (tmp_path / "bench.png").stat().st_size > 0
-    assert "| target | goal | reached | met |" in completed.stdout
+    assert "| target | goal | reached | met | arrival |" in completed.stdout
     assert "| process | to index caught up: CPU s | µs/event | cores |" in completed.stdout
     assert "| statement | by | calls | rows | total ms | share | µs/row | µs/event |" in completed.stdout
 

@@ -7,9 +7,12 @@ from typing import Any
 from bench.harness.targets import targets
 
 
-def _drain(events: int, per_s: float, worker_us: float = 20.0, merger_us: float = 3.0) -> dict[str, Any]:
+def _drain(
+    events: int, per_s: float, worker_us: float = 20.0, merger_us: float = 3.0, arrival: str = "ordered"
+) -> dict[str, Any]:
     return {
         "workers": 1,
+        "arrival": arrival,
         "events": events,
         "events_per_s": per_s,
         "aggregates_events_per_s": per_s * 0.95,
@@ -97,3 +100,34 @@ def test_unmeasured_targets_say_so_and_are_never_met() -> None:
         assert rows[name]["value"] is None
     assert "30,000" in rows["1 worker / faust peer"]["note"]
     assert rows["freshness p99 at half the reference drain's rate (s)"]["met"] is True
+
+
+def test_each_row_names_the_arrival_of_the_drains_behind_its_figure() -> None:
+    worst = _drain(1_000_000, 5_000.0, arrival="random")
+    rows = _by_name(targets(_results(drain_1m_random=worst)))
+    for name in (
+        "1 worker, 1 M backlog, index caught up (events/s)",
+        "1 worker / COPY ceiling",
+        "worker CPU, 1 M drain (µs/event)",
+        "5 M drain rate / 200 k drain rate",
+    ):
+        assert rows[name]["arrival"] == "ordered", name
+    # the worst case is not the reference: the throughput figure is still the ordered drain's
+    assert rows["1 worker, 1 M backlog, index caught up (events/s)"]["value"] == 27_000.0
+    assert rows["worker peak RSS, every drain (MiB)"]["arrival"] == "ordered + random"
+    assert rows["freshness p99 at half the reference drain's rate (s)"]["arrival"] == "live"
+
+
+def test_drains_from_before_the_arrival_field_count_as_random_arrival() -> None:
+    old = {k: {kk: vv for kk, vv in v.items() if kk != "arrival"} for k, v in _results().items()}
+    old["ingest_1_worker"] = old["drain_1m"]
+    rows = _by_name(targets(old))
+    assert rows["1 worker, 1 M backlog, index caught up (events/s)"]["arrival"] == "random"
+    assert rows["5 M drain rate / 200 k drain rate"]["arrival"] == "random"
+    mixed = _by_name(targets(_results(drain_5m=_drain(5_000_000, 8_000.0, arrival="random"))))
+    assert mixed["5 M drain rate / 200 k drain rate"]["arrival"] == "ordered + random"
+
+
+def test_a_target_not_measured_names_no_arrival() -> None:
+    rows = _by_name(targets({"freshness": {}, "memory": {}}))
+    assert all(r["arrival"] is None for r in rows.values())
