@@ -298,6 +298,64 @@ async def expire_organization(
     return result
 
 
+# Dead letters' whole values ------------------------------------------------------------------------
+# An oversized dead letter's value is stored under OMNILOG_DLQ_OBJECT_PREFIX (sinks/dead_letters.py),
+# outside `org/`: no ledger row records it and no index row points at it, so neither the
+# per-organization expiry nor the orphan sweep reaches it. The dead-letter record on the topic names
+# it; once older than the dead-letter retention it is deleted by its listing's LastModified (a
+# retried flush rewrites the same key, which only makes it younger).
+
+
+def dead_letter_prefix_is_safe(prefix: str) -> bool:
+    """A prefix whose listing can only hold dead letters: not empty and apart from `org/` (an empty
+    or overlapping one would expire the events' objects behind their index rows)."""
+    return bool(prefix) and not prefix.startswith("org/") and not "org/".startswith(prefix)
+
+
+async def expire_dead_letter_values(
+    s3: S3Client,
+    bucket: str,
+    prefix: str,
+    older_than: datetime,
+    *,
+    page: int = DEFAULT_EXPIRY_PAGE,
+    idle_ratio: float = DEFAULT_IDLE_RATIO,
+    dry_run: bool = False,
+) -> Expiry:
+    """Delete the objects under `prefix` last written before `older_than`, a listing page of `page`
+    keys at a time, idling `idle_ratio` times a page's delete after it (the per-organization
+    expiry's pacing). A failed delete is counted in `failed_objects`, left in place and found
+    again by the next run. With `dry_run`, counts what would go and deletes nothing."""
+    if not dead_letter_prefix_is_safe(prefix):
+        raise ValueError(f"refusing to expire dead letters under {prefix!r}: it is empty or overlaps org/")
+    if not 1 <= page <= _DELETE_CHUNK:
+        raise ValueError(f"page must be within 1..{_DELETE_CHUNK}")
+    result = Expiry()
+    paginator = s3.get_paginator("list_objects_v2")
+    pages = paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page})
+    async for listing in pages:
+        size = {o["Key"]: o["Size"] for o in listing.get("Contents", []) if o["LastModified"] < older_than}
+        if not size:
+            continue
+        if dry_run:
+            result.objects += len(size)
+            result.bytes += sum(size.values())
+            continue
+        began = time.monotonic()
+        deleted, errors = await _delete_page(s3, bucket, list(size))
+        result.objects += len(deleted)
+        result.bytes += sum(size[k] for k in deleted)
+        result.failed_objects += len(size) - len(deleted)
+        result.errors.extend(errors)
+        if idle_ratio > 0:
+            await asyncio.sleep((time.monotonic() - began) * idle_ratio)
+    log.info(
+        "expired dead-letter values deleted",
+        extra={"before": older_than.isoformat(), "objects": result.objects, "failed": result.failed_objects},
+    )
+    return result
+
+
 async def _delete_usage(
     conn: Connection,
     table: str,

@@ -8,6 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncpg
 import click
@@ -24,8 +25,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.processing.flush import REUPLOAD_AFTER_S
 from pipeline.settings import Settings, load_settings
-from sinks.janitor import Expiry, expire_before_horizon, expire_organization, sweep_orphans
+from sinks.held_deltas import expire_held_server_deltas, held_delta_cutoff
+from sinks.janitor import (
+    Expiry,
+    dead_letter_prefix_is_safe,
+    expire_before_horizon,
+    expire_dead_letter_values,
+    expire_organization,
+    sweep_orphans,
+)
 from sinks.objects import s3_client
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
 from sinks.partitions import DEFAULT_DAYS_AHEAD, PartitionError, create_ahead, drop_expired
 from sinks.retention import OrganizationRetention, RetentionError, load_horizon, load_organization_retention
 
@@ -46,7 +58,12 @@ _LAST_SUCCESS = "omnilog_maintain_last_success_timestamp_seconds"
 PUSH_JOB = "omnilog_maintain"
 _PUSH_TIMEOUT_S = 10.0
 # Summary totals (sinks/janitor.py Expiry, rollups) -> the `kind` label of the deleted-rows gauge.
-_ROW_KINDS = {"index_rows": "log_index", "usage_rows": "usage", "aggregate_rows": "rollups"}
+_ROW_KINDS = {
+    "index_rows": "log_index",
+    "usage_rows": "usage",
+    "aggregate_rows": "rollups",
+    "held_server_deltas": "held_server_deltas",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,11 +94,13 @@ class MaintainMetrics:
             ),
             deleted_rows=gauge(
                 "omnilog_maintain_last_run_deleted_rows",
-                "Rows the last run deleted (log_index: index rows; usage: raw usage rows; rollups).",
+                "Rows the last run deleted (log_index: index rows; usage: raw usage rows; rollups; "
+                "held_server_deltas: deltas of servers never registered, past the accepted lateness).",
                 ("kind",),
             ),
             deleted_objects=gauge(
-                "omnilog_maintain_last_run_deleted_objects", "Objects the last run deleted."
+                "omnilog_maintain_last_run_deleted_objects",
+                "Objects the last run deleted (events' objects and dead letters' stored values).",
             ),
             deleted_bytes=gauge(
                 "omnilog_maintain_last_run_deleted_bytes", "Bytes of the objects the last run deleted."
@@ -212,7 +231,11 @@ class _Recorder:
         objects: int = 0,
         detail: str | None = None,
         error: str | None = None,
+        also_total: tuple[str, int] | None = None,
+        aggregate_total: str = "aggregate_rows",
     ) -> None:
+        """`aggregate_total`: the run total that `aggregate_rows` adds to (the column is the
+        same); `also_total`: one more (name, count) for the run's totals."""
         e = expiry or Expiry(objects=objects)
         counts = {
             "index_rows": e.index_rows,
@@ -222,7 +245,10 @@ class _Recorder:
             "bytes": e.bytes,
             "failed_objects": e.failed_objects,
         }
-        for name, value in counts.items():
+        totals = {**counts, "aggregate_rows": 0, aggregate_total: aggregate_rows}
+        if also_total is not None:
+            totals[also_total[0]] = totals.get(also_total[0], 0) + also_total[1]
+        for name, value in totals.items():
             self.totals[name] = self.totals.get(name, 0) + value
         error = error or ("; ".join(e.errors[:5]) if e.errors else None)
         self.failures += error is not None
@@ -267,8 +293,53 @@ def _midnight(day: date) -> datetime:
     return datetime(day.year, day.month, day.day, tzinfo=UTC)
 
 
+async def _expire_held_deltas(conn: asyncpg.Connection, settings: Settings, rec: _Recorder) -> dict[str, int]:
+    """server_stats deltas held for a server never registered, past the accepted lateness: one
+    `held_server_deltas` record per organization (sinks/held_deltas.py)."""
+    started = time.monotonic()
+    before = held_delta_cutoff(settings.max_event_age_days)
+    dropped = await expire_held_server_deltas(conn, before, dry_run=rec.dry_run)
+    for organization_id, count in sorted(dropped.items()):
+        await rec.record(
+            "held_server_deltas", started, organization_id=organization_id, cutoff=before.date(),
+            aggregate_rows=count, aggregate_total="held_server_deltas",
+        )  # fmt: skip
+        started = time.monotonic()
+    return dropped
+
+
+async def _expire_dead_letters(
+    s3: S3Client, settings: Settings, retention: timedelta, rec: _Recorder, summary: dict[str, object]
+) -> None:
+    """The whole values of oversized dead letters older than `retention` (sinks/janitor.py)."""
+    started = time.monotonic()
+    before = datetime.now(UTC) - retention
+    prefix = settings.dlq_object_prefix
+    if not dead_letter_prefix_is_safe(prefix):
+        # Left alone rather than risk the events' objects; the run fails so it is seen.
+        await rec.record(
+            "dead_letters", started, cutoff=before.date(), detail=prefix,
+            error=f"OMNILOG_DLQ_OBJECT_PREFIX {prefix!r} is empty or overlaps org/: dead letters not expired",
+        )  # fmt: skip
+        return
+    expiry = await expire_dead_letter_values(
+        s3, settings.s3_bucket, prefix, before,
+        page=EXPIRY_PAGE_OBJECTS, idle_ratio=EXPIRY_IDLE_RATIO, dry_run=rec.dry_run,
+    )  # fmt: skip
+    await rec.record(
+        "dead_letters", started, cutoff=before.date(), expiry=expiry, detail=prefix,
+        also_total=("dead_letter_values", expiry.objects),
+    )  # fmt: skip
+    summary["dead_letter_values"] = expiry.objects
+
+
 async def _run(
-    settings: Settings, days_ahead: int, retention_days: int, orphan_grace: timedelta | None, dry_run: bool
+    settings: Settings,
+    days_ahead: int,
+    retention_days: int,
+    orphan_grace: timedelta | None,
+    dry_run: bool,
+    dead_letter_retention: timedelta,
 ) -> dict[str, object]:
     conn = await asyncpg.connect(settings.database_url.get_secret_value())
     today = datetime.now(UTC).date()
@@ -345,6 +416,8 @@ async def _run(
                     }  # fmt: skip
             summary["organizations"] = per_org
             await _expire_rollups(conn, settings, today, rec)
+            summary["held_server_deltas"] = await _expire_held_deltas(conn, settings, rec)
+            await _expire_dead_letters(s3, settings, dead_letter_retention, rec, summary)
             if orphan_grace and not dry_run:
                 started = time.monotonic()
                 orphans = await sweep_orphans(conn, s3, settings.s3_bucket, orphan_grace)
@@ -364,11 +437,12 @@ def _run_and_record(
     grace: timedelta | None,
     dry_run: bool,
     metrics_textfile: Path | None,
+    dead_letter_retention: timedelta,
 ) -> dict[str, object]:
     summary: dict[str, object] | None = None
     began = time.monotonic()
     try:
-        summary = asyncio.run(_run(settings, days_ahead, keep, grace, dry_run))
+        summary = asyncio.run(_run(settings, days_ahead, keep, grace, dry_run, dead_letter_retention))
         return summary
     finally:
         # A dry run changes nothing, so it reports nothing either (its counts are predictions).
@@ -427,6 +501,14 @@ def _report_metrics(
     "(OMNILOG_MAINTAIN_PUSHGATEWAY_URL pushes them to a Pushgateway instead or as well).",
 )
 @click.option(
+    "--dead-letter-retention-days",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Delete the stored whole values of oversized dead letters (OMNILOG_DLQ_OBJECT_PREFIX) once "
+    "older than this; default: the retention of organizations nobody registered (--retention-days). "
+    "Keep it at least the dead-letter topic's retention.",
+)
+@click.option(
     "--dry-run",
     is_flag=True,
     help="Count what a run would delete (recorded in retention_cleanup_logs) and delete nothing.",
@@ -437,6 +519,7 @@ def command(
     retention_days: int | None,
     orphan_grace_hours: float,
     metrics_textfile: Path | None,
+    dead_letter_retention_days: float | None,
     dry_run: bool,
 ) -> None:
     """Create partitions ahead, drop those past retention with their objects, sweep orphans.
@@ -448,7 +531,8 @@ def command(
     grace = timedelta(hours=orphan_grace_hours) if orphan_grace_hours > 0 else None
     _refuse_unsafe(settings, keep, grace)
     try:
-        summary = _run_and_record(settings, days_ahead, keep, grace, dry_run, metrics_textfile)
+        dead_letters = timedelta(days=dead_letter_retention_days or keep)
+        summary = _run_and_record(settings, days_ahead, keep, grace, dry_run, metrics_textfile, dead_letters)
     except (PartitionError, RetentionError) as exc:
         raise click.ClickException(str(exc)) from None
     except (BotoCoreError, ClientError) as exc:
