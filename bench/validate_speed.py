@@ -1,11 +1,15 @@
 """A/B micro-benchmark of `validate_event`: the validator before and after remembered ids.
 
     .venv/bin/python bench/validate_speed.py [--events 20000] [--rounds 9] [--traffic all]
+        [--against REV] [--clock batch|record]
 
 "before" is the validator as it was before ids and addresses were remembered across events, kept
-as the test oracle (tests/unit/contract/legacy_validate.py); "after" is `validate_event`. Both run
-in one process, alternating round by round, so a busy machine slows both alike; each round
-validates the whole pool once, with one clock reading, as the ingest worker does per batch. Times
+as the test oracle (tests/unit/contract/legacy_validate.py), or with `--against REV`
+pipeline/contract/validate.py and rules.py as they were at that git revision; "after" is
+`validate_event`. Both run in one process, alternating round by round, so a busy machine slows both
+alike; each round validates the whole pool once. `--clock record` gives every message its own
+reference time a millisecond apart, as the worker's record timestamps do (pipeline/processing/
+flush.py `decode`); `batch` (the default) one clock reading for the whole pool. Times
 are CPU time of this process (`time.process_time`), which other processes on a shared machine
 disturb less than wall time. Printed: the median and best µs per message of each, and a bare
 `orjson.loads` of the same values (the floor of both). Before timing, every message must get the
@@ -23,21 +27,27 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
 import random
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from importlib import util
 from pathlib import Path
+from types import ModuleType
 
 import orjson
 
 from pipeline.contract import ValidationPolicy, validate_event
 from pipeline.devtools.loadgen.generator import LoadConfig, generate
 
-_ORACLE = Path(__file__).resolve().parents[1] / "tests" / "unit" / "contract" / "legacy_validate.py"
+_REPO = Path(__file__).resolve().parents[1]
+_ORACLE = _REPO / "tests" / "unit" / "contract" / "legacy_validate.py"
 
 POLICY = ValidationPolicy(max_age=timedelta(days=90), max_future_skew=timedelta(hours=1))
 
@@ -76,6 +86,40 @@ def _load_oracle() -> Callable[[bytes | None, datetime, ValidationPolicy], objec
     return validate
 
 
+def _load_revision(revision: str) -> Callable[[bytes | None, datetime, ValidationPolicy], object]:
+    """validate_event of `revision`: its validate.py run against its own rules.py."""
+    folder = Path(tempfile.mkdtemp(prefix="validate-speed-"))
+    loaded: dict[str, ModuleType] = {}
+    package = importlib.import_module("pipeline.contract")
+    current_rules = sys.modules["pipeline.contract.rules"]
+    try:
+        for name in ("rules", "validate"):
+            text = subprocess.run(
+                ["git", "show", f"{revision}:pipeline/contract/{name}.py"],
+                cwd=_REPO,
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            path = folder / f"{name}.py"
+            path.write_text(text)
+            spec = util.spec_from_file_location(f"_validate_speed_{name}_{revision}", path)
+            if spec is None or spec.loader is None:
+                raise SystemExit(f"cannot load {name}.py at {revision}")
+            module = util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            if name == "validate":  # its `from pipeline.contract import rules` must get the old rules
+                sys.modules["pipeline.contract.rules"] = loaded["rules"]
+                package.rules = loaded["rules"]  # type: ignore[attr-defined]
+            spec.loader.exec_module(module)
+            loaded[name] = module
+    finally:
+        sys.modules["pipeline.contract.rules"] = current_rules
+        package.rules = current_rules  # type: ignore[attr-defined]
+    validate: Callable[[bytes | None, datetime, ValidationPolicy], object] = loaded["validate"].validate_event
+    return validate
+
+
 def _verdict(result: object) -> object:
     return getattr(result, "reason", None) or getattr(result, "event_id", None)
 
@@ -83,19 +127,19 @@ def _verdict(result: object) -> object:
 def compare(
     name: str,
     values: Sequence[bytes],
-    now: datetime,
+    clocks: Sequence[datetime],
     rounds: int,
     before: Callable[[bytes | None, datetime, ValidationPolicy], object],
 ) -> None:
     # The same verdict on every message first: a faster validator that disagrees is no result.
-    for value in values:
+    for value, now in zip(values, clocks, strict=True):
         old, new = before(value, now, POLICY), validate_event(value, now, POLICY)
         if _verdict(old) != _verdict(new):
             raise SystemExit(f"{name}: verdicts differ on {value[:120]!r}: {old} / {new}")
 
     def run(validate: Callable[[bytes | None, datetime, ValidationPolicy], object]) -> Callable[[], None]:
         def all_values() -> None:
-            for value in values:
+            for value, now in zip(values, clocks, strict=True):
                 validate(value, now, POLICY)
 
         return all_values
@@ -131,6 +175,8 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--traffic", choices=("loadgen", "hostile", "fresh", "all"), default="all")
+    parser.add_argument("--against", help="compare with validate.py and rules.py at this git revision")
+    parser.add_argument("--clock", choices=("batch", "record"), default="batch")
     args = parser.parse_args()
 
     now = datetime.now(UTC)
@@ -139,10 +185,13 @@ def main() -> None:
         "hostile": lambda: hostile_traffic(args.events, now),
         "fresh": lambda: fresh_traffic(args.events, now),
     }
-    before = _load_oracle()
+    before = _load_revision(args.against) if args.against else _load_oracle()
     for name, build in traffic.items():
         if args.traffic in (name, "all"):
-            compare(name, build(), now, args.rounds, before)
+            values = build()
+            step = timedelta(milliseconds=1 if args.clock == "record" else 0)
+            clocks = [now - step * (len(values) - n) for n in range(len(values))]
+            compare(name, values, clocks, args.rounds, before)
 
 
 if __name__ == "__main__":
