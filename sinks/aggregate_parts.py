@@ -23,10 +23,11 @@ silently), Python integers do the rest, and the delta rows store NUMERIC[] (migr
 from __future__ import annotations
 
 import zlib
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any, Final, TypeVar
 
 import numpy as np
@@ -257,173 +258,146 @@ def usage_status(event: ValidEvent) -> str:
 
 # ---- one batch as columns ----------------------------------------------------------------------
 
-
-def _codes(column: Sequence[Hashable]) -> IntArray:
-    """Dense integer codes of a column's values, in order of first appearance."""
-    index: dict[Hashable, int] = {}
-    return np.fromiter((index.setdefault(v, len(index)) for v in column), dtype=np.int64, count=len(column))
-
-
-def _combined(*codes: IntArray) -> tuple[IntArray, IntArray]:
-    """Group ids of the distinct tuples of several code columns, numbered in order of first
-    appearance, and the row where each group first appears. Columns are folded in pairwise and
-    renumbered each time, so the combined code never exceeds rows**2 (no int64 overflow)."""
-    combined = codes[0]
-    for column in codes[1:]:
-        combined = combined * (int(column.max(initial=0)) + 1) + column
-        combined = np.unique(combined, return_inverse=True)[1].astype(np.int64).ravel()
-    _, first, inverse = np.unique(combined, return_index=True, return_inverse=True)
-    by_appearance = np.argsort(first, kind="stable")
-    renumber = np.empty_like(by_appearance)
-    renumber[by_appearance] = np.arange(by_appearance.size)
-    return renumber[inverse.ravel()].astype(np.int64), first[by_appearance]
-
-
-def _windows(epochs: FloatArray, width_s: int) -> IntArray:
-    """`window_start` of every epoch: float floor division, as Python's `//` on the same floats."""
-    return (np.floor_divide(epochs, width_s) * width_s).astype(np.int64)
-
-
-def _months(epochs: FloatArray) -> IntArray:
-    """`month_start` of every epoch (calendar months, UTC)."""
-    seconds = np.floor(epochs).astype(np.int64).astype("datetime64[s]")
-    return seconds.astype("datetime64[M]").astype("datetime64[s]").astype(np.int64)
+# The finest key of each deltas family, windows in epoch seconds: every coarser key of the family
+# (day, month, without the user or the session) is derived from the few distinct finest keys, not
+# from the events again.
+LogKey = tuple[int, str, str, str]  # (hour, organization, server or NO_SERVER, method or NO_METHOD)
+UsageKey = tuple[int, str, str, str, str]  # (hour, organization, project, model, user or NO_USER)
+ServerKey = tuple[int, str, str, str]  # (window, organization, server, session or "")
 
 
 @dataclass(frozen=True, slots=True)
-class _UsageColumns:
-    """The columns and codes of the rows with usage fields, shared by the usage and monthly parts."""
+class _Groups:
+    """Rows grouped by key: each row's group id (numbered in order of first appearance) and each
+    group's key."""
 
-    orgs: list[str]
-    projects: list[str]  # NO_PROJECT when missing
-    models: list[str]  # NO_MODEL when missing
-    users: list[str]  # NO_USER when missing
-    epochs: FloatArray
-    latency: FloatArray
-    key_codes: tuple[IntArray, IntArray, IntArray]  # org, project, model
-    user_codes: IntArray
-    with_user: IntArray  # rows (of these rows) with a real user
-    sums: IntMatrix  # USAGE_SUMS
+    gid: IntArray
+    keys: list[tuple[Any, ...]]
+
+    def coarser(self, key_of: Callable[[tuple[Any, ...]], PartKey]) -> tuple[IntArray, list[PartKey]]:
+        """The same rows grouped by the coarser `key_of(key)`, also in order of first appearance
+        (the first finest key of a coarser group is the one its first row has)."""
+        index: dict[PartKey, int] = {}
+        ids = [index.setdefault(key_of(k), len(index)) for k in self.keys]
+        return np.array(ids, dtype=np.int64)[self.gid], list(index)
 
 
 @dataclass(frozen=True, slots=True)
 class BatchColumns:
-    """The fields the deltas read, one array or list per field, read from the events once."""
+    """What the deltas read from a batch, gathered in one pass over the events: per deltas family
+    the group id of each of its rows and the distinct keys, plus the values and sums per row."""
 
-    epochs: FloatArray  # started_at, epoch seconds
-    durations: FloatArray
-    errors: IntArray  # 0 or 1
-    bytes_in: IntArray
-    bytes_out: IntArray
-    orgs: list[str]
-    servers: list[str | None]  # as given (None when missing)
-    methods: list[str]  # NO_METHOD when missing
-    sessions: list[str | None]
-    org_codes: IntArray
-    usage: _UsageColumns  # the rows with usage fields only
+    server_window_s: int
+    durations: FloatArray  # every event's duration_ms
+    log: _Groups  # every event
+    log_sums: IntMatrix  # LOG_SUMS of every event
+    usage_rows: IntArray  # the events with usage fields (`has_usage`)
+    usage: _Groups  # of usage_rows
+    usage_sums: IntMatrix  # USAGE_SUMS of usage_rows
+    server_rows: IntArray  # the events naming a server (not the nil UUID)
+    server: _Groups  # of server_rows, windows of server_window_s
+    errors: IntArray  # every event's error flag, 0 or 1
 
     @classmethod
-    def of(cls, events: Sequence[ValidEvent]) -> BatchColumns:
-        n = len(events)
-        rows = [
-            (
-                e.started_at.timestamp(),
-                e.duration_ms,
-                e.error,
-                e.bytes_in,
-                e.bytes_out,
-                e.organization_id,
-                e.server_id,
-                e.rpc_method or NO_METHOD,
-                e.session_id,
-            )
-            for e in events
-        ]
-        epochs, durations, errors, bytes_in, bytes_out, orgs, servers, methods, sessions = (
-            [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(9)]
-        )
-        epoch_array = np.array(epochs, dtype=np.float64)
-        duration_array = np.array(durations, dtype=np.float64)
-        org_codes = _codes(orgs)
+    def of(cls, events: Sequence[ValidEvent], server_window_s: int = DEFAULT_SERVER_WINDOW_S) -> BatchColumns:
+        width = valid_server_window(server_window_s)
+        durations: list[int] = []
+        log_sums: list[int] = []  # row after row, reshaped below
+        log_index: dict[LogKey, int] = {}
+        log_gid: list[int] = []
+        usage_rows: list[int] = []
+        usage_sums: list[int] = []
+        usage_index: dict[UsageKey, int] = {}
+        usage_gid: list[int] = []
+        server_rows: list[int] = []
+        server_index: dict[ServerKey, int] = {}
+        server_gid: list[int] = []
+        # One loop, locals only: this is the per-event cost of every deltas table.
+        for row, e in enumerate(events):
+            epoch = e.started_at.timestamp()
+            hour = int(epoch // HOUR_S) * HOUR_S  # as `window_start`
+            org = e.organization_id
+            server = e.server_id
+            error = e.error
+            durations.append(e.duration_ms)
+            log_sums += (1, error, e.bytes_in, e.bytes_out)
+            log_key = (hour, org, server or NO_SERVER, e.rpc_method or NO_METHOD)
+            log_gid.append(log_index.setdefault(log_key, len(log_index)))
+            if server and server != NO_SERVER:
+                server_rows.append(row)
+                server_key = (int(epoch // width) * width, org, server, e.session_id or "")
+                server_gid.append(server_index.setdefault(server_key, len(server_index)))
+            if e.has_usage:
+                status = e.status
+                if status is None:
+                    status = "error" if error else "success"
+                usage_rows.append(row)
+                usage_sums += (
+                    1,
+                    status == "success",
+                    status == "error",
+                    e.input_tokens or 0,
+                    e.output_tokens or 0,
+                    e.cache_read_tokens or 0,
+                    e.cost_cents or 0,
+                )
+                usage_key = (hour, org, e.project_id or NO_PROJECT, e.model or NO_MODEL, e.user_id or NO_USER)
+                usage_gid.append(usage_index.setdefault(usage_key, len(usage_index)))
+        log_matrix = _matrix(log_sums, len(LOG_SUMS))
         return cls(
-            epochs=epoch_array,
-            durations=duration_array,
-            errors=np.array(errors, dtype=np.int64).reshape(n),
-            bytes_in=np.array(bytes_in, dtype=np.int64).reshape(n),
-            bytes_out=np.array(bytes_out, dtype=np.int64).reshape(n),
-            orgs=orgs,
-            servers=servers,
-            methods=methods,
-            sessions=sessions,
-            org_codes=org_codes,
-            usage=_usage_columns(events, orgs, org_codes, epoch_array, duration_array),
+            server_window_s=width,
+            durations=np.array(durations, dtype=np.float64),
+            log=_Groups(_ids(log_gid), list(log_index)),
+            log_sums=log_matrix,
+            usage_rows=_ids(usage_rows),
+            usage=_Groups(_ids(usage_gid), list(usage_index)),
+            usage_sums=_matrix(usage_sums, len(USAGE_SUMS)),
+            server_rows=_ids(server_rows),
+            server=_Groups(_ids(server_gid), list(server_index)),
+            errors=log_matrix[:, 1],
         )
 
 
-def _usage_columns(
-    events: Sequence[ValidEvent],
-    orgs: list[str],
-    org_codes: IntArray,
-    epochs: FloatArray,
-    durations: FloatArray,
-) -> _UsageColumns:
-    rows = [i for i, e in enumerate(events) if e.has_usage]
-    used = [events[i] for i in rows]
-    projects = [e.project_id or NO_PROJECT for e in used]
-    models = [e.model or NO_MODEL for e in used]
-    users = [e.user_id or NO_USER for e in used]
-    picked = np.array(rows, dtype=np.int64)
-    return _UsageColumns(
-        orgs=[orgs[i] for i in rows],
-        projects=projects,
-        models=models,
-        users=users,
-        epochs=epochs[picked],
-        latency=durations[picked],
-        key_codes=(org_codes[picked], _codes(projects), _codes(models)),
-        user_codes=_codes(users),
-        with_user=np.array([i for i, user in enumerate(users) if user], dtype=np.int64),
-        sums=np.array([_usage_row(e) for e in used], dtype=np.int64).reshape(len(used), len(USAGE_SUMS)),
-    )
+def _ids(values: list[int]) -> IntArray:
+    return np.array(values, dtype=np.int64)
 
 
-def _usage_row(e: ValidEvent) -> tuple[int, ...]:
-    status = usage_status(e)
-    return (
-        1,
-        int(status == "success"),
-        int(status == "error"),
-        e.input_tokens or 0,
-        e.output_tokens or 0,
-        e.cache_read_tokens or 0,
-        e.cost_cents or 0,
-    )
+def _matrix(flat: list[int], width: int) -> IntMatrix:
+    return np.array(flat, dtype=np.int64).reshape(len(flat) // width, width)
 
 
-def _keys_at(rows: Sequence[int], windows: IntArray, *columns: Sequence[object]) -> list[PartKey]:
-    """(window as datetime, *column values) of each row; datetimes cached per window."""
-    cache: dict[int, datetime] = {}
-    window_list = windows.tolist()
-    out: list[PartKey] = []
-    for row in rows:
-        w = window_list[row]
-        when = cache.get(w)
-        if when is None:
-            when = cache[w] = _as_datetime(w)
-        out.append((when, *(c[row] for c in columns)))
-    return out
+class _Dates:
+    """Windows (epoch seconds) as UTC datetimes, and their days and months, each computed once per
+    distinct window: a batch has thousands of keys over a handful of windows."""
+
+    __slots__ = ("_dates", "_months")
+
+    def __init__(self) -> None:
+        self._dates: dict[int, datetime] = {}
+        self._months: dict[int, int] = {}
+
+    def at(self, epoch_s: int) -> datetime:
+        found = self._dates.get(epoch_s)
+        if found is None:
+            found = self._dates[epoch_s] = _as_datetime(epoch_s)
+        return found
+
+    def month(self, epoch_s: int) -> int:
+        """`month_start` of the window starting at `epoch_s`."""
+        found = self._months.get(epoch_s)
+        if found is None:
+            found = self._months[epoch_s] = month_start(self.at(epoch_s))
+        return found
+
+    def dated(self, keys: Iterable[tuple[Any, ...]]) -> list[PartKey]:
+        """Keys with their window (first) as a datetime."""
+        at = self.at
+        return [(at(k[0]), *k[1:]) for k in keys]
 
 
-def _distinct_sorted(rows: IntArray, windows: IntArray, *columns: Sequence[str]) -> list[PartKey]:
-    """The distinct (window, *columns) of `rows`, sorted by window then columns (the lock order of
-    the set inserts), windows as datetimes."""
-    if rows.size == 0:
-        return []
-    picked = [[c[i] for i in rows.tolist()] for c in columns]
-    _, first = _combined(windows[rows], *(_codes(c) for c in picked))
-    window_list = windows[rows].tolist()
-    distinct = sorted((window_list[i], *(c[i] for c in picked)) for i in first.tolist())
-    return [_dated(k) for k in distinct]
+def _day(epoch_s: int) -> int:
+    """`window_start(epoch_s, DAY_S)` of whole seconds."""
+    return epoch_s - epoch_s % DAY_S
 
 
 def log_parts(events: Sequence[ValidEvent]) -> dict[PartKey, Acc]:
@@ -432,15 +406,8 @@ def log_parts(events: Sequence[ValidEvent]) -> dict[PartKey, Acc]:
 
 
 def log_parts_of(batch: BatchColumns) -> dict[PartKey, Acc]:
-    n = len(batch.orgs)
-    if n == 0:
-        return {}
-    hours = _windows(batch.epochs, HOUR_S)
-    servers = [s or NO_SERVER for s in batch.servers]
-    gid, first = _combined(hours, batch.org_codes, _codes(servers), _codes(batch.methods))
-    keys = _keys_at(first.tolist(), hours, batch.orgs, servers, batch.methods)
-    sums = np.column_stack((np.ones(n, dtype=np.int64), batch.errors, batch.bytes_in, batch.bytes_out))
-    return _grouped(gid, keys, batch.durations, sums, LOG_DELTAS.alpha)
+    keys = _Dates().dated(batch.log.keys)
+    return _grouped(batch.log.gid, keys, batch.durations, batch.log_sums, LOG_DELTAS.alpha)
 
 
 def usage_key(e: ValidEvent) -> tuple[str, str, str]:
@@ -462,34 +429,29 @@ def usage_parts(events: Sequence[ValidEvent]) -> UsageParts:
     return usage_parts_of(BatchColumns.of(events))
 
 
-def usage_parts_of(batch: BatchColumns, days: IntArray | None = None) -> UsageParts:
-    u = batch.usage
-    if not u.orgs:
+def usage_parts_of(batch: BatchColumns) -> UsageParts:
+    fine = batch.usage
+    if not fine.keys:
         return UsageParts({}, {}, [], {})
-    names = (u.orgs, u.projects, u.models)
-    hours = _windows(u.epochs, HOUR_S)
-    days = _windows(u.epochs, DAY_S) if days is None else days
-    hour_gid, hour_first = _combined(hours, *u.key_codes)
-    user_gid, user_first = _combined(days, *u.key_codes, u.user_codes)
-    hour_users = _distinct_sorted(u.with_user, hours, *names, u.users)
-    first_hour: dict[PartKey, datetime] = {}
+    dates = _Dates()
+    latency = batch.durations[batch.usage_rows]
+    hour_gid, hour_keys = fine.coarser(lambda k: k[:4])
+    user_gid, user_keys = fine.coarser(lambda k: (_day(k[0]), *k[1:]))
+    hour_users = sorted(k for k in fine.keys if k[4])  # windows are ints here: same order as datetimes
+    first_hour: dict[tuple[Any, ...], int] = {}
     for hour, *rest in hour_users:  # sorted by hour first: setdefault keeps the earliest
-        assert isinstance(hour, datetime)
-        first_hour.setdefault((_day_of(hour), *rest), hour)
-    hour_keys = _keys_at(hour_first.tolist(), hours, *names)
-    user_keys = _keys_at(user_first.tolist(), days, *names, u.users)
+        first_hour.setdefault((_day(hour), *rest), hour)
     return UsageParts(
-        hourly=_grouped(hour_gid, hour_keys, u.latency, u.sums, USAGE_DELTAS.alpha),
-        daily_users=_grouped(user_gid, user_keys, u.latency, u.sums, USAGE_USER_DELTAS.alpha),
-        hour_users=hour_users,
-        day_users=dict(sorted(first_hour.items())),
+        hourly=_grouped(hour_gid, dates.dated(hour_keys), latency, batch.usage_sums, USAGE_DELTAS.alpha),
+        daily_users=_grouped(
+            user_gid, dates.dated(user_keys), latency, batch.usage_sums, USAGE_USER_DELTAS.alpha
+        ),
+        hour_users=dates.dated(hour_users),
+        day_users={(dates.at(d), *rest): dates.at(h) for (d, *rest), h in sorted(first_hour.items())},
     )
 
 
-def _day_of(hour: datetime) -> datetime:
-    return _as_datetime(window_start(hour.timestamp(), DAY_S))
-
-
+@lru_cache(maxsize=65536)  # organizations seen by a worker; a hit saves the encode and CRC
 def slot_of(organization_id: str) -> int:
     """The delta slot of an organization: a fixed hash, the same in every process and release
     (CRC-32 of the canonical UUID text), so every delta of an organization lands in one slot."""
@@ -499,9 +461,12 @@ def slot_of(organization_id: str) -> int:
 # ---- writing (inside the batch transaction) --------------------------------------------------
 
 
-def insert_sql(table: DeltaTable) -> str:
-    """One multi-row INSERT of deltas from unnest arrays: slot, window, keys, sums as text, sketch."""
-    types = ("int", "timestamptz", *table.key_types, *(["text"] * len(table.sum_names)), "bytea")
+@lru_cache(maxsize=2 * len(DELTA_TABLES))
+def insert_sql(table: DeltaTable, sum_type: str = "text") -> str:
+    """One multi-row INSERT of deltas from unnest arrays: slot, window, keys, sums, sketch. Sums
+    travel as `int8` when they all fit (binary, no text to build) and as `text` otherwise; either
+    way PostgreSQL casts them to the same NUMERIC values."""
+    types = ("int", "timestamptz", *table.key_types, *([sum_type] * len(table.sum_names)), "bytea")
     params = ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(types))
     keys = [f"k{i}" for i in range(len(table.key_columns) + 1)]
     sums = [f"s{i}" for i in range(len(table.sum_names))]
@@ -526,12 +491,13 @@ async def insert_deltas(conn: Connection, table: DeltaTable, deltas: dict[PartKe
         return
     keys = list(deltas)
     accs = list(deltas.values())
-    sums = [[str(a.sums[j]) for a in accs] for j in range(len(table.sum_names))]
+    sums = [list(column) for column in zip(*(a.sums for a in accs), strict=True)]
+    as_int8 = all(min(column) >= -INT64_LIMIT and max(column) < INT64_LIMIT for column in sums)
     await conn.execute(
-        insert_sql(table),
+        insert_sql(table, "int8" if as_int8 else "text"),
         [slot_of(str(k[1])) for k in keys],
         *key_columns(keys),
-        *sums,
+        *(sums if as_int8 else ([str(v) for v in column] for column in sums)),
         [a.sketch.to_bytes() for a in accs],
     )
 
@@ -586,28 +552,24 @@ class ServerParts:
 
 def server_parts(events: Sequence[ValidEvent], width_s: int) -> ServerParts:
     """Parts of server_stats: events that name a server (not the nil UUID), per window."""
-    return server_parts_of(BatchColumns.of(events), width_s)
+    return server_parts_of(BatchColumns.of(events, width_s), width_s)
 
 
 def server_parts_of(batch: BatchColumns, width_s: int) -> ServerParts:
-    named = np.array([i for i, s in enumerate(batch.servers) if s and s != NO_SERVER], dtype=np.int64)
-    if named.size == 0:
+    if width_s != batch.server_window_s:
+        raise ValueError(f"the batch's server windows are {batch.server_window_s} s, not {width_s} s")
+    fine = batch.server
+    if not fine.keys:
         return ServerParts({}, [])
-    rows = named.tolist()
-    orgs = [batch.orgs[i] for i in rows]
-    servers = [str(batch.servers[i]) for i in rows]
-    sessions = [batch.sessions[i] or "" for i in rows]
-    windows = _windows(batch.epochs[named], width_s)
-    gid, first = _combined(windows, batch.org_codes[named], _codes(servers))
-    widths = [width_s] * len(rows)
-    keys = _keys_at(first.tolist(), windows, orgs, servers, widths)
+    dates = _Dates()
+    gid, keys = fine.coarser(lambda k: (*k[:3], width_s))
+    rows = batch.server_rows
     sums = np.column_stack(
-        (np.ones(len(rows), dtype=np.int64), batch.errors[named], np.zeros(len(rows), dtype=np.int64))
+        (np.ones(rows.size, dtype=np.int64), batch.errors[rows], np.zeros(rows.size, dtype=np.int64))
     )
-    with_session = np.array([i for i, s in enumerate(sessions) if s], dtype=np.int64)
     return ServerParts(
-        _grouped(gid, keys, batch.durations[named], sums, SERVER_STATS_DELTAS.alpha),
-        _distinct_sorted(with_session, windows, orgs, servers, sessions),
+        _grouped(gid, dates.dated(keys), batch.durations[rows], sums, SERVER_STATS_DELTAS.alpha),
+        dates.dated(sorted(k for k in fine.keys if k[3])),
     )
 
 
@@ -620,7 +582,8 @@ _INSERT_SESSIONS: Final = (
 
 async def count_new_sessions(conn: Connection, parts: ServerParts, width_s: int) -> dict[PartKey, Acc]:
     """The server deltas with their last sum: sessions new to the window's set (exact, as users)."""
-    windows = {k: a.copy() for k, a in parts.windows.items()}
+    # New sums, the parts' sketches shared (nothing mutates them): a copy each costs numpy calls.
+    windows = {k: Acc(list(a.sums), a.sketch) for k, a in parts.windows.items()}
     if parts.sessions:
         for row in await conn.fetch(_INSERT_SESSIONS, *key_columns(parts.sessions)):
             windows[(row["window_start"], row["org"], row["server"], width_s)].sums[-1] += 1
@@ -648,19 +611,19 @@ def month_parts(events: Sequence[ValidEvent]) -> MonthParts:
     return month_parts_of(BatchColumns.of(events))
 
 
-def month_parts_of(batch: BatchColumns, days: IntArray | None = None) -> MonthParts:
-    u = batch.usage
-    if not u.orgs:
+def month_parts_of(batch: BatchColumns) -> MonthParts:
+    fine = batch.usage
+    if not fine.keys:
         return MonthParts({}, [], [])
-    names = (u.orgs, u.projects, u.models)
-    months = _months(u.epochs)
-    days = _windows(u.epochs, DAY_S) if days is None else days
-    gid, first = _combined(months, *u.key_codes)
-    sums = np.hstack([u.sums, np.zeros((len(u.orgs), len(MONTH_COUNTS)), dtype=np.int64)])
+    dates = _Dates()
+    month = dates.month
+    gid, keys = fine.coarser(lambda k: (month(k[0]), *k[1:4]))
+    rows = batch.usage_rows
+    sums = np.hstack([batch.usage_sums, np.zeros((rows.size, len(MONTH_COUNTS)), dtype=np.int64)])
     return MonthParts(
-        _grouped(gid, _keys_at(first.tolist(), months, *names), u.latency, sums, USAGE_MONTHLY_DELTAS.alpha),
-        _distinct_sorted(u.with_user, months, *names, u.users),
-        _distinct_sorted(np.arange(len(u.orgs), dtype=np.int64), days, *names),
+        _grouped(gid, dates.dated(keys), batch.durations[rows], sums, USAGE_MONTHLY_DELTAS.alpha),
+        dates.dated(sorted({(month(k[0]), *k[1:]) for k in fine.keys if k[4]})),
+        dates.dated(sorted({(_day(k[0]), *k[1:4]) for k in fine.keys})),
     )
 
 
@@ -679,7 +642,8 @@ def _month_of(day: datetime) -> datetime:
 async def count_month_news(conn: Connection, parts: MonthParts) -> dict[PartKey, Acc]:
     """The monthly deltas with their last two sums: users new to the month's set, days new to the
     active-days set (each new in exactly one committed batch, as the hour and day user sets)."""
-    months = {k: a.copy() for k, a in parts.months.items()}
+    # New sums, the parts' sketches shared (nothing mutates them), as count_new_sessions.
+    months = {k: Acc(list(a.sums), a.sketch) for k, a in parts.months.items()}
     if parts.users:
         for row in await conn.fetch(_INSERT_MONTH_USERS, *key_columns(parts.users)):
             months[(row["window_start"], row["org_id"], row["project_id"], row["model"])].sums[-2] += 1
@@ -699,16 +663,13 @@ class AggregateDeltasWriter:
         self.server_window_s = valid_server_window(server_window_s)
 
     async def write(self, conn: Connection, new_events: Sequence[ValidEvent], source_partition: int) -> None:
-        # The events are read into columns once; every deltas table groups from those arrays.
-        batch = BatchColumns.of(new_events)
+        # The events are read once; every deltas table groups from what that pass gathered.
+        batch = BatchColumns.of(new_events, self.server_window_s)
         await insert_deltas(conn, LOG_DELTAS, log_parts_of(batch))
-        days = _windows(batch.usage.epochs, DAY_S)  # the usage rows' days, shared by both
-        usage = usage_parts_of(batch, days)
+        usage = usage_parts_of(batch)
         await insert_deltas(conn, USAGE_DELTAS, await count_new_users(conn, usage))
         await insert_deltas(conn, USAGE_USER_DELTAS, usage.daily_users)
-        await insert_deltas(
-            conn, USAGE_MONTHLY_DELTAS, await count_month_news(conn, month_parts_of(batch, days))
-        )
+        await insert_deltas(conn, USAGE_MONTHLY_DELTAS, await count_month_news(conn, month_parts_of(batch)))
         servers = server_parts_of(batch, self.server_window_s)
         await insert_deltas(
             conn, SERVER_STATS_DELTAS, await count_new_sessions(conn, servers, self.server_window_s)
