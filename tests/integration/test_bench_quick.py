@@ -33,7 +33,7 @@ def _positive_numbers(value: object) -> list[float]:
     return []
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(360)
 def test_bench_quick_reports_every_scenario(stack_info: StackInfo, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMNILOG_")} | stack_info.env()
     completed = subprocess.run(
@@ -43,7 +43,7 @@ def test_bench_quick_reports_every_scenario(stack_info: StackInfo, tmp_path: Pat
         check=False,
         capture_output=True,
         text=True,
-        timeout=290,
+        timeout=350,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
 
