@@ -389,10 +389,12 @@ class _Dates:
             found = self._months[epoch_s] = month_start(self.at(epoch_s))
         return found
 
-    def dated(self, keys: Iterable[tuple[Any, ...]]) -> list[PartKey]:
+    def dated(self, keys: Sequence[tuple[Any, ...]]) -> list[PartKey]:
         """Keys with their window (first) as a datetime."""
-        at = self.at
-        return [(at(k[0]), *k[1:]) for k in keys]
+        for window in {k[0] for k in keys}:  # the few windows first: then a plain lookup per key
+            self.at(window)
+        dates = self._dates
+        return [(dates[k[0]], *k[1:]) for k in keys]
 
 
 def _day(epoch_s: int) -> int:
