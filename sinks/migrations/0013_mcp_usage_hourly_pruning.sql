@@ -37,14 +37,21 @@ BEGIN
                    date_trunc('hour', p.low), p.high - interval '1 microsecond', interval '1 hour'
                ) AS bucket
         FROM (
-            SELECT substring(b.bound FROM 'FROM \(''([^'']+)''\)')::timestamptz AS low,
-                   substring(b.bound FROM 'TO \(''([^'']+)''\)')::timestamptz AS high
-            FROM (
-                SELECT pg_get_expr(c.relpartbound, c.oid) AS bound
-                FROM pg_inherits i
-                JOIN pg_class c ON c.oid = i.inhrelid
-                WHERE i.inhparent = 'mcp_usage'::regclass
-            ) b
+            -- A partition named by sinks/partitions.py (mcp_usage_pYYYYMMDD) holds that UTC day:
+            -- its bounds come from the name. Deparsing a bound (pg_get_expr) costs about a
+            -- millisecond a partition, paid by every query over a year of partitions; any other
+            -- partition's bounds are still read that way, so no row is ever left out.
+            SELECT CASE WHEN c.relname ~ '^mcp_usage_p[0-9]{8}$'
+                        THEN to_date(right(c.relname, 8), 'YYYYMMDD')::timestamp AT TIME ZONE 'UTC'
+                        ELSE substring(pg_get_expr(c.relpartbound, c.oid) FROM 'FROM \(''([^'']+)''\)')::timestamptz
+                   END AS low,
+                   CASE WHEN c.relname ~ '^mcp_usage_p[0-9]{8}$'
+                        THEN (to_date(right(c.relname, 8), 'YYYYMMDD') + 1)::timestamp AT TIME ZONE 'UTC'
+                        ELSE substring(pg_get_expr(c.relpartbound, c.oid) FROM 'TO \(''([^'']+)''\)')::timestamptz
+                   END AS high
+            FROM pg_inherits i
+            JOIN pg_class c ON c.oid = i.inhrelid
+            WHERE i.inhparent = 'mcp_usage'::regclass
         ) p
     ) h
     CROSS JOIN LATERAL (

@@ -87,7 +87,16 @@ async def _prepared(url: str, before_0013: Path | None = None) -> tuple[asyncpg.
     await ensure_rollup_views(conn, 90)  # as the merger does at start: it keeps 0013's view
     first_day = datetime.now(UTC).date() - timedelta(days=1)
     days = [first_day + timedelta(days=d) for d in range(DAYS)]
-    await ensure_day_partitions(conn, "mcp_usage", days)
+    await ensure_day_partitions(conn, "mcp_usage", days[:-1])
+    # A partition not named by sinks/partitions.py: the view reads its bounds from the catalog.
+    low, high = (
+        datetime(d.year, d.month, d.day, tzinfo=UTC) for d in (days[-1], days[-1] + timedelta(days=1))
+    )
+    await conn.execute("CREATE TABLE mcp_usage_made_by_hand (LIKE mcp_usage INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
+    await conn.execute(
+        f"ALTER TABLE mcp_usage ATTACH PARTITION mcp_usage_made_by_hand "
+        f"FOR VALUES FROM ('{low.isoformat()}') TO ('{high.isoformat()}')"
+    )
     await conn.executemany(_INSERT, list(_rows(first_day, 3000, seed=7)))
     await conn.execute("ANALYZE mcp_usage")
     return conn, first_day
