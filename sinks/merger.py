@@ -35,8 +35,6 @@ import logging
 import random
 import threading
 import time
-import uuid
-from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -79,10 +77,6 @@ QUANTILES: Final = (0.5, 0.95, 0.99)
 
 # (window, org, server, method); None in server/method means "all"
 LogKey = tuple[Any, ...]
-
-
-def _text(value: object) -> object:
-    return str(value) if isinstance(value, uuid.UUID) else value
 
 
 def day_of(window: datetime) -> datetime:
@@ -143,7 +137,8 @@ def log_values(acc: Acc) -> LogValues:
     total, errors, bytes_in, bytes_out = acc.sums
     if acc.sketch.count != total:
         raise ValueError(f"sketch holds {acc.sketch.count} durations for {total} requests")
-    p50, p95, p99 = (acc.sketch.quantile_rounded(q) for q in QUANTILES)
+    # `quantile_rounded` of each q, with one cumulative sum for the three
+    p50, p95, p99 = (round(x) for x in acc.sketch.quantiles(QUANTILES))
     return LogValues(
         total,
         total - errors,
@@ -194,9 +189,11 @@ def daily_from_hourly(hourly: Iterable[tuple[LogKey, Acc]]) -> dict[LogKey, Acc]
 def log_targets(leaves: Mapping[LogKey, Acc]) -> dict[tuple[str, LogKey], Acc]:
     """Every log_aggregates row that leaves (hour, org, server, method) add to, with what they
     add: hourly and daily, per method, per server (method None) and per org (both None). Daily
-    rows come straight from the leaves, never from the day's stored hourly rows."""
+    rows come straight from the leaves, never from the day's stored hourly rows. The leaves are
+    taken over: they are the hourly per-method accumulators returned (the others are new)."""
     servers = server_level(leaves.items())
-    hourly = {**fold(leaves.items()), **servers, **org_level(servers.items())}
+    # The server, org and daily rows are folded into copies before the caller changes any row.
+    hourly = {**leaves, **servers, **org_level(servers.items())}
     daily = daily_from_hourly(hourly.items())
     return {("hourly", k): a for k, a in hourly.items()} | {("daily", k): a for k, a in daily.items()}
 
@@ -216,7 +213,12 @@ _LOCK_SLOTS: Final = (
 
 def select_sql(table: DeltaTable) -> str:
     """The deltas of the locked slots, oldest first, except those of isolated keys."""
-    keys = ", ".join(f"d.{c}" for c in table.key_columns)
+    # UUID keys as text: the merger keys rows by them as strings, and a text column arrives as a
+    # str without a uuid.UUID built and converted per row.
+    keys = ", ".join(
+        f"d.{c}::text AS {c}" if t == "uuid" else f"d.{c}"
+        for c, t in zip(table.key_columns, table.key_types, strict=True)
+    )
     as_text = ", ".join(f"d.{c}::text" for c in table.key_columns)
     when = f"({table.fold_when}) AND " if table.fold_when else ""
     return (
@@ -357,16 +359,25 @@ def _sketch(blob: bytes | None, what: str) -> QuantileSketch:
     return QuantileSketch.from_bytes(blob)
 
 
-def _decode_deltas(rows: Sequence[asyncpg.Record], width: int) -> dict[PartKey, Acc]:
-    """The deltas folded by key (window, *key columns): one accumulator per key."""
-    return fold(
-        (tuple(_text(v) for v in list(row.values())[1 : 1 + width]), Acc.decode(row["sums"], row["sketch"]))
-        for row in rows
-    )
+# The deltas of a fold grouped by their key (window, *key columns), oldest first within a key.
+Deltas = Mapping[PartKey, Sequence[asyncpg.Record]]
 
 
-async def _delete(conn: Connection, table: DeltaTable, rows: Sequence[asyncpg.Record]) -> int:
-    status = await conn.execute(delete_sql(table), [row["id"] for row in rows])
+def _decode_deltas(deltas: Deltas) -> dict[PartKey, Acc]:
+    """One accumulator per key: its deltas decoded and added up. Each accumulator is built from
+    freshly decoded deltas, so it is merged into in place rather than copied (`fold` copies)."""
+    out: dict[PartKey, Acc] = {}
+    for key, rows in deltas.items():
+        first, *rest = rows
+        acc = Acc.decode(first["sums"], first["sketch"])
+        for row in rest:
+            acc.merge(Acc.decode(row["sums"], row["sketch"]))
+        out[key] = acc
+    return out
+
+
+async def _delete(conn: Connection, table: DeltaTable, deltas: Deltas) -> int:
+    status = await conn.execute(delete_sql(table), [row["id"] for rows in deltas.values() for row in rows])
     return int(status.split()[-1])
 
 
@@ -397,8 +408,8 @@ def _log_level(key: LogKey) -> str:
     return "org" if key[2] is None else "server" if key[3] is None else "method"
 
 
-async def _fold_log(conn: Connection, rows: Sequence[asyncpg.Record], stats: MergeStats) -> None:
-    targets = log_targets(_decode_deltas(rows, 4))
+async def _fold_log(conn: Connection, rows: Deltas, stats: MergeStats) -> None:
+    targets = log_targets(_decode_deltas(rows))
     for key, acc in (await _stored_log_rows(conn, list(targets))).items():
         targets[key].merge(acc)
     keys = sorted(targets, key=str)
@@ -468,11 +479,11 @@ def _usage_value_rows(
     return keys, values
 
 
-async def _fold_usage(conn: Connection, rows: Sequence[asyncpg.Record], stats: MergeStats) -> None:
+async def _fold_usage(conn: Connection, rows: Deltas, stats: MergeStats) -> None:
     """usage_deltas into usage_hourly and the all-users usage_daily rows. Their last two sums are
     the users new to the hour's and to the day's user set: added to the stored unique users."""
     width = len(USAGE_DELTAS.sum_names)
-    hourly = _decode_deltas(rows, 4)
+    hourly = _decode_deltas(rows)
     daily = fold(((day_of(_window(k)), *k[1:]), acc) for k, acc in hourly.items())
     hour_at, day_at = width - 2, width - 1
     for key, acc in (await _stored_usage_rows(conn, READ_USAGE_HOURLY, list(hourly), hour_at, width)).items():
@@ -489,9 +500,9 @@ async def _fold_usage(conn: Connection, rows: Sequence[asyncpg.Record], stats: M
     stats.deltas_folded += await _delete(conn, USAGE_DELTAS, rows)
 
 
-async def _fold_usage_users(conn: Connection, rows: Sequence[asyncpg.Record], stats: MergeStats) -> None:
+async def _fold_usage_users(conn: Connection, rows: Deltas, stats: MergeStats) -> None:
     """usage_user_deltas into the per-user usage_daily rows (unique users: 1, or 0 for no user)."""
-    per_user = _decode_deltas(rows, 5)
+    per_user = _decode_deltas(rows)
     stored = await _stored_usage_rows(conn, READ_USAGE_DAILY_USER, list(per_user), None, len(USAGE_SUMS))
     for key, acc in stored.items():
         per_user[key].merge(acc)
@@ -524,11 +535,11 @@ ON CONFLICT (server_id, window_start) DO UPDATE SET
 """
 
 
-async def _fold_server_stats(conn: Connection, rows: Sequence[asyncpg.Record], stats: MergeStats) -> None:
+async def _fold_server_stats(conn: Connection, rows: Deltas, stats: MergeStats) -> None:
     """server_stats_deltas (only those of registered servers are selected) into server_stats rows
     keyed (server, window_start). A stored row of another width, or without a sketch (written by
     something else), cannot be added to: a ValueError, so the key is isolated, never mixed."""
-    deltas = _decode_deltas(rows, 4)
+    deltas = _decode_deltas(rows)
     targets: dict[tuple[str, datetime, int], Acc] = fold(
         ((str(k[2]), _window(k), _width(k)), acc) for k, acc in deltas.items()
     )
@@ -592,10 +603,10 @@ ON CONFLICT ON CONSTRAINT usage_monthly_key DO UPDATE SET {_MONTHLY_SET}, update
 """
 
 
-async def _fold_usage_monthly(conn: Connection, rows: Sequence[asyncpg.Record], stats: MergeStats) -> None:
+async def _fold_usage_monthly(conn: Connection, rows: Deltas, stats: MergeStats) -> None:
     """usage_monthly_deltas into usage_monthly: sums added; the users and days new to the month
     (the deltas' last two sums) added to unique_users and active_days."""
-    months = _decode_deltas(rows, 4)
+    months = _decode_deltas(rows)
     keys = sorted(months, key=str)
     for row in await conn.fetch(READ_USAGE_MONTHLY, *key_columns(keys)):
         values = list(row.values())
@@ -631,7 +642,7 @@ def _window(key: PartKey) -> datetime:
     return window
 
 
-Fold = Callable[[Connection, Sequence[asyncpg.Record], MergeStats], Awaitable[None]]
+Fold = Callable[[Connection, Deltas, MergeStats], Awaitable[None]]
 FOLDS: Final[tuple[tuple[DeltaTable, Fold], ...]] = (
     (LOG_DELTAS, _fold_log),
     (USAGE_DELTAS, _fold_usage),
@@ -721,13 +732,18 @@ async def _merge_table(
         stats.more = True
     if not rows:
         return
-    width = len(table.key_columns) + 1
-    by_key: dict[PartKey, list[asyncpg.Record]] = defaultdict(list)
+    end = len(table.key_columns) + 2  # id, then the key: window_start and the key columns
+    by_key: dict[PartKey, list[asyncpg.Record]] = {}
     for row in rows:
-        by_key[tuple(_text(v) for v in list(row.values())[1 : 1 + width])].append(row)
+        key = tuple(row)[1:end]
+        same = by_key.get(key)
+        if same is None:
+            by_key[key] = [row]
+        else:
+            same.append(row)
 
     async def merge(c: Connection, keys: list[PartKey], attempt: MergeStats) -> None:
-        await fold_rows(c, [row for key in keys for row in by_key[key]], attempt)
+        await fold_rows(c, {key: by_key[key] for key in keys}, attempt)
 
     await _merge_isolating(conn, table, list(by_key), merge, stats)
 
