@@ -504,18 +504,31 @@ async def insert_deltas(conn: Connection, table: DeltaTable, deltas: dict[PartKe
     )
 
 
+_USER_COLUMNS: Final = "window_start, org_id, project_id, model, user_id"
+_USERS_FROM: Final = "unnest($1::timestamptz[], $2::uuid[], $3::uuid[], $4::text[], $5::text[])"
+
+
 def _insert_users_sql(table: str) -> str:
     # Sorted input and one insert order for every batch (hour set, then day set): batches that
     # wait on each other's new users cannot deadlock. RETURNING gives only the rows inserted.
     return (
-        f"INSERT INTO {table} (window_start, org_id, project_id, model, user_id) "
-        "SELECT * FROM unnest($1::timestamptz[], $2::uuid[], $3::uuid[], $4::text[], $5::text[]) "
-        "ON CONFLICT DO NOTHING "
+        f"INSERT INTO {table} ({_USER_COLUMNS}) SELECT * FROM {_USERS_FROM} ON CONFLICT DO NOTHING "
         "RETURNING window_start, org_id::text AS org_id, project_id::text AS project_id, model, user_id"
     )
 
 
-_INSERT_HOUR_USERS: Final = _insert_users_sql("usage_hour_users")
+def _count_new_users_sql(table: str) -> str:
+    """The same insert, answering with the number of new users per (window, org, project, model):
+    the only thing the hour and month deltas need (a few rows instead of one per new user)."""
+    return (
+        f"WITH new AS (INSERT INTO {table} ({_USER_COLUMNS}) SELECT * FROM {_USERS_FROM} "
+        "ON CONFLICT DO NOTHING RETURNING window_start, org_id, project_id, model) "
+        "SELECT window_start, org_id::text AS org_id, project_id::text AS project_id, model, count(*) AS n "
+        "FROM new GROUP BY window_start, org_id, project_id, model"
+    )
+
+
+_INSERT_HOUR_USERS: Final = _count_new_users_sql("usage_hour_users")
 _INSERT_DAY_USERS: Final = _insert_users_sql("usage_day_users")
 
 
@@ -526,7 +539,7 @@ async def count_new_users(conn: Connection, usage: UsageParts) -> dict[PartKey, 
     hourly = {k: Acc([*a.sums, 0, 0], a.sketch) for k, a in usage.hourly.items()}
     if usage.hour_users:
         for row in await conn.fetch(_INSERT_HOUR_USERS, *key_columns(usage.hour_users)):
-            hourly[(row["window_start"], row["org_id"], row["project_id"], row["model"])].sums[-2] += 1
+            hourly[(row["window_start"], row["org_id"], row["project_id"], row["model"])].sums[-2] += row["n"]
     if usage.day_users:
         day_keys = list(usage.day_users)
         for row in await conn.fetch(_INSERT_DAY_USERS, *key_columns(day_keys)):
@@ -576,9 +589,12 @@ def server_parts_of(batch: BatchColumns, width_s: int) -> ServerParts:
 
 
 _INSERT_SESSIONS: Final = (
-    "INSERT INTO server_window_sessions (window_start, organization_id, server_id, session_id) "
+    "WITH new AS (INSERT INTO server_window_sessions (window_start, organization_id, server_id, session_id) "
     "SELECT * FROM unnest($1::timestamptz[], $2::uuid[], $3::uuid[], $4::uuid[]) ON CONFLICT DO NOTHING "
-    "RETURNING window_start, organization_id::text AS org, server_id::text AS server"
+    "RETURNING window_start, organization_id, server_id) "
+    # The number of new sessions per window: a row per server window, not per new session.
+    "SELECT window_start, organization_id::text AS org, server_id::text AS server, count(*) AS n "
+    "FROM new GROUP BY window_start, organization_id, server_id"
 )
 
 
@@ -588,7 +604,7 @@ async def count_new_sessions(conn: Connection, parts: ServerParts, width_s: int)
     windows = {k: Acc(list(a.sums), a.sketch) for k, a in parts.windows.items()}
     if parts.sessions:
         for row in await conn.fetch(_INSERT_SESSIONS, *key_columns(parts.sessions)):
-            windows[(row["window_start"], row["org"], row["server"], width_s)].sums[-1] += 1
+            windows[(row["window_start"], row["org"], row["server"], width_s)].sums[-1] += row["n"]
     return windows
 
 
@@ -629,7 +645,7 @@ def month_parts_of(batch: BatchColumns) -> MonthParts:
     )
 
 
-_INSERT_MONTH_USERS: Final = _insert_users_sql("usage_month_users")
+_INSERT_MONTH_USERS: Final = _count_new_users_sql("usage_month_users")
 _INSERT_ACTIVE_DAYS: Final = (
     "INSERT INTO usage_active_days (window_start, org_id, project_id, model) "
     "SELECT * FROM unnest($1::timestamptz[], $2::uuid[], $3::uuid[], $4::text[]) ON CONFLICT DO NOTHING "
@@ -648,7 +664,7 @@ async def count_month_news(conn: Connection, parts: MonthParts) -> dict[PartKey,
     months = {k: Acc(list(a.sums), a.sketch) for k, a in parts.months.items()}
     if parts.users:
         for row in await conn.fetch(_INSERT_MONTH_USERS, *key_columns(parts.users)):
-            months[(row["window_start"], row["org_id"], row["project_id"], row["model"])].sums[-2] += 1
+            months[(row["window_start"], row["org_id"], row["project_id"], row["model"])].sums[-2] += row["n"]
     if parts.days:
         for row in await conn.fetch(_INSERT_ACTIVE_DAYS, *key_columns(parts.days)):
             key = (_month_of(row["window_start"]), row["org_id"], row["project_id"], row["model"])

@@ -11,6 +11,7 @@ import asyncio
 import random
 import re
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -110,11 +111,20 @@ class MemoryTables:
         table = _table(sql)
         rows = list(zip(*columns, strict=True))
         assert rows == sorted(rows), f"{table}: inserted out of lock order"
-        names = [c.split(" AS ")[-1].strip() for c in sql.split("RETURNING ")[1].split(",")]
         have = self.sets.setdefault(table, set())
         new = [r for r in rows if r not in have]
         have.update(new)
-        return [dict(zip(names, r, strict=False)) for r in new]
+        counted = re.search(r"RETURNING [^)]*\) SELECT (.*) FROM new GROUP BY", sql)
+        if counted is None:  # RETURNING the new rows' leading columns
+            return [dict(zip(_names(sql.split("RETURNING ")[1]), r, strict=False)) for r in new]
+        # The new rows counted per their leading columns (the last output column is the count).
+        *names, count = _names(counted[1])
+        counts = Counter(r[: len(names)] for r in new)
+        return [{**dict(zip(names, key, strict=True)), count: n} for key, n in counts.items()]
+
+
+def _names(select_list: str) -> list[str]:
+    return [c.split(" AS ")[-1].strip() for c in select_list.split(",")]
 
 
 _SUM_COUNTS = {
@@ -124,7 +134,7 @@ _SUM_COUNTS = {
 
 
 def _table(sql: str) -> str:
-    found = re.match(r"INSERT INTO (\w+) ", sql)
+    found = re.search(r"INSERT INTO (\w+) ", sql)
     assert found, sql
     return found[1]
 
