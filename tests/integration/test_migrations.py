@@ -625,7 +625,9 @@ async def test_usage_tables_keep_only_their_organization_index_on_existing_parti
             uuid.UUID(DEFAULT_ORG),
             uuid.uuid4(),
         )
-        assert await migrate(fresh_database_url) == ["0012_usage_indexes"]
+        # 0012 and every migration after it run on the existing partitions.
+        later = sorted(p.stem for p in MIGRATIONS_DIR.glob("*.sql") if int(p.name[:4]) >= 12)
+        assert await migrate(fresh_database_url) == later
 
         for table, (name, shape) in USAGE_INDEXES.items():
             parent = await conn.fetch(
