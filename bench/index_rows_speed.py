@@ -11,8 +11,10 @@ outer transaction that is rolled back: every round writes the same rows into the
 The versions alternate round by round, so a busy machine slows both alike; the garbage collector
 runs with the worker's settings (pipeline/gc_tuning.py).
 
-First, both versions must store the same rows: each writes the batch once, the `log_index`,
-`usage_events` and `mcp_usage` rows of its events are read back, and any difference stops the run.
+First, both versions must store the same rows: each writes every other event of the batch, then
+the whole batch twice; the `log_index`, `usage_events` and `mcp_usage` rows of its events are read
+back, and any difference, in them or in the first sightings and duplicates each write reported,
+stops the run.
 Then, per event (medians over the rounds): the worker's CPU in `commit_batch`
 (`time.process_time`: row building and asyncpg's encoding), PostgreSQL's CPU for the same work (the
 connection's backend process, from /proc when the server runs on this machine; 10 ms ticks, so
@@ -118,17 +120,21 @@ def _server_ticks(pid: int) -> int | None:
     return int(fields[11]) + int(fields[12])  # utime + stime (fields 14 and 15 of stat)
 
 
-async def _write(conn: asyncpg.Connection, version: Version, indexed: Sequence[IndexedEvent]) -> None:
-    # A partition whose stored offset the batch advances, as a worker's would (rolled back after).
-    await conn.execute(
-        "INSERT INTO ingest_offsets (consumer_group, topic, partition, next_offset) VALUES ($1, $1, 0, 0)",
-        _GROUP,
-    )
-    await version.index.commit_batch(
+async def _write(
+    conn: asyncpg.Connection, version: Version, indexed: Sequence[IndexedEvent], first: int = 0
+) -> Any:
+    """One batch transaction (its offsets from `first`); the caller's transaction rolls it back."""
+    if first == 0:  # a partition whose stored offset the batches advance, as a worker's would
+        await conn.execute(
+            "INSERT INTO ingest_offsets (consumer_group, topic, partition, next_offset)"
+            " VALUES ($1, $1, 0, 0)",
+            _GROUP,
+        )
+    return await version.index.commit_batch(
         conn,
         consumer_group=_GROUP,
         topic=_GROUP,
-        ranges=[PartitionRange(0, 0, len(indexed))],
+        ranges=[PartitionRange(0, first, first + len(indexed))],
         indexed=indexed,
         objects=[],
         extensions=[version.usage.UsageRowsWriter()],
@@ -138,17 +144,24 @@ async def _write(conn: asyncpg.Connection, version: Version, indexed: Sequence[I
 async def _stored(
     conn: asyncpg.Connection, version: Version, indexed: Sequence[IndexedEvent]
 ) -> dict[str, Any]:
+    """What the version stores for the batch, and its outcome when every other event of the batch
+    was indexed before (first sightings and duplicates), then when all were."""
     ids = [i.event.event_id for i in indexed]
     transaction = conn.transaction()
     await transaction.start()
     try:
-        await _write(conn, version, indexed)
-        return {
+        await _write(conn, version, indexed[::2])
+        again = await _write(conn, version, indexed, first=len(indexed[::2]))
+        twice = await _write(conn, version, indexed, first=len(indexed[::2]) + len(indexed))
+        rows: dict[str, Any] = {
             table: [
                 tuple(v for k, v in r.items() if k not in _WRITE_TIME) for r in await conn.fetch(sql, ids)
             ]
             for table, sql in _READ_BACK.items()
         }
+        for name, outcome in (("half indexed before", again), ("all indexed before", twice)):
+            rows[name] = ([e.event_id for e in outcome.new_events], outcome.duplicates)
+        return rows
     finally:
         await transaction.rollback()
 
@@ -181,14 +194,14 @@ async def run(database_url: str, against: str, events: int, rounds: int) -> None
         for table in ("usage_events", "mcp_usage"):
             await ensure_day_partitions(conn, table, {i.event.started_at.date() for i in indexed})
         stored = [await _stored(conn, v, indexed) for v in versions]
-        for table in _READ_BACK:
+        for table in stored[0]:
             if stored[0][table] != stored[1][table]:
                 differ = [(a, b) for a, b in zip(stored[0][table], stored[1][table], strict=False) if a != b]
                 raise SystemExit(
                     f"{table}: the versions store different rows ({len(stored[0][table])} and "
                     f"{len(stored[1][table])}; {len(differ)} differ, the first: {differ[:1]})"
                 )
-        counts = ", ".join(f"{len(rows)} {table}" for table, rows in stored[0].items())
+        counts = ", ".join(f"{len(stored[0][table])} {table}" for table in _READ_BACK)
         print(f"same rows stored by both ({counts})")
         for _ in range(rounds):
             for version in versions:
