@@ -135,7 +135,7 @@ def gzip(values: Sequence[bytes], batch: int = 5000, level: int = 1) -> Rate:
     )
 
 
-def _index_rows(events: Sequence[ValidEvent]) -> list[tuple[object, ...]]:
+def index_rows(events: Sequence[ValidEvent]) -> list[tuple[object, ...]]:
     uri = "s3://bench/ceiling.jsonl.gz"
     return [
         (e.event_id, e.organization_id, e.server_id, e.session_id, e.rpc_method, e.level, e.started_at,
@@ -147,7 +147,7 @@ def _index_rows(events: Sequence[ValidEvent]) -> list[tuple[object, ...]]:
 
 async def copy(database_url: str, events: Sequence[ValidEvent], batch: int = 5000) -> Rate:
     """Binary COPY of index rows into `log_index` itself (all its indexes), one COPY per batch."""
-    rows = _index_rows(events)
+    rows = index_rows(events)
     async with connect(database_url) as conn:
         await ensure_day_partitions(conn, "log_index", {e.started_at.date() for e in events})
         t0 = time.perf_counter()
