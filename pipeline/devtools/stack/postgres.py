@@ -32,7 +32,13 @@ _MAX_SOCKET_PATH = 100
 # under ~0.5 GiB: shared_buffers + wal_buffers, plus work_mem per sort or hash of a query.
 INGEST_SETTINGS: dict[str, str] = {
     # A drain's working set (today's log_index partition and its indexes, the rollups) stays
-    # cached; the default 128MB is evicted by a 200 k-event drain.
+    # cached; the default 128MB is evicted by a 200 k-event drain. Not more: log_index's indexes
+    # take ~200 MiB per million rows of a day, and events in time order only touch their right
+    # edges. Events at random within the hour (the bench's worst case) touch them all, yet at
+    # 1 M such rows 2GB measured no better than 256MB (interleaved, `python -m
+    # bench.harness.index_buffers 1000000 --arm 256MB --arm 2GB`: the insert's shared blocks
+    # read 0.001 vs 0 per row, µs/row within the noise). Sizing it from the machine's memory
+    # (a quarter, up to 2GB) would matter past ~1.3 M out-of-order rows a day: unmeasured.
     "shared_buffers": "256MB",
     # A 20 k-event batch writes ~34 MB of WAL in one transaction. With the default 4MB (1/32 of
     # 128MB) the backend found the buffers full and wrote WAL itself 700-4 400 times per 60 k
