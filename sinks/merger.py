@@ -38,7 +38,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import asyncpg
 from prometheus_client import CollectorRegistry
@@ -69,7 +69,11 @@ log = logging.getLogger("omnilog.merger")
 
 # pg_try_advisory_xact_lock(SLOT_LOCK_CLASS, slot): the two-int form, "omni" in ASCII.
 SLOT_LOCK_CLASS: Final = 0x6F6D6E69
-DEFAULT_LIMIT: Final = 5000
+# Deltas per table and pass: a worker's batch (20 000 events) makes up to a few thousand deltas
+# per table, and a round finds a few batches' worth when one worker drains fast (15 k events/s,
+# 4 s apart). Each stored rollup row a pass touches is read, decoded, re-encoded and written once,
+# so one pass over the round's deltas does that once per row instead of once per 5 000 deltas.
+DEFAULT_LIMIT: Final = 20_000
 # More isolated keys than this in one pass is not a few bad keys but something wrong with all of
 # them (a bug, a broken deploy): the pass fails instead of holding the whole workload aside.
 MAX_ISOLATED_PER_PASS: Final = 100
@@ -118,8 +122,9 @@ def shards_of(count: int, index: int | None) -> list[Shard]:
 # ---- rollup values (pure) --------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class LogValues:
+# Rollup values are NamedTuples: one is built per rollup row a pass writes, and a frozen
+# dataclass's __init__ sets each field through object.__setattr__, several times slower.
+class LogValues(NamedTuple):
     total: int
     success: int
     errors: int
@@ -153,8 +158,7 @@ def log_values(acc: Acc) -> LogValues:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class UsageValues:
+class UsageValues(NamedTuple):
     sums: tuple[int, ...]  # USAGE_SUMS order
     avg: float
     p50: float
@@ -202,7 +206,12 @@ def log_targets(leaves: Mapping[LogKey, Acc]) -> dict[tuple[str, LogKey], Acc]:
 
 
 def _unnest(types: Sequence[str], first: int = 1) -> str:
-    return ", ".join(f"${first + i}::{t}[]" for i, t in enumerate(types))
+    return ", ".join(f"${first + i}::{_ARRAY.get(t, f'{t}[]')}" for i, t in enumerate(types))
+
+
+# NUMERIC sums are sent as text (str of the int) and cast by PostgreSQL: asyncpg encodes a Python
+# int as NUMERIC through a Decimal, several times the cost of a str, for the same stored value.
+_ARRAY: Final = {"numeric": "text[]::numeric[]"}
 
 
 _LOCK_SLOTS: Final = (
@@ -283,7 +292,7 @@ INSERT INTO log_aggregates AS a (organization_id, server_id, rpc_method, window_
     p99_duration_ms, avg_duration_ms, total_bytes_in, total_bytes_out, duration_sketch)
 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::aggregation_window_enum[], $5::timestamptz[],
     $6::bigint[], $7::bigint[], $8::bigint[], $9::int[], $10::int[], $11::int[], $12::float8[],
-    $13::numeric[], $14::numeric[], $15::bytea[])
+    $13::text[]::numeric[], $14::text[]::numeric[], $15::bytea[])
 ON CONFLICT ON CONSTRAINT log_aggregates_key DO UPDATE SET
     total_requests = EXCLUDED.total_requests, success_requests = EXCLUDED.success_requests,
     error_requests = EXCLUDED.error_requests, p50_duration_ms = EXCLUDED.p50_duration_ms,
@@ -363,15 +372,21 @@ def _sketch(blob: bytes | None, what: str) -> QuantileSketch:
 Deltas = Mapping[PartKey, Sequence[asyncpg.Record]]
 
 
+def _delta(row: asyncpg.Record) -> Acc:
+    """A delta row's value. Its sums are selected as text[], so each is a str of digits: `int`
+    reads it exactly and raises ValueError on anything else, as `exact_int` would."""
+    return Acc([int(v) for v in row["sums"]], QuantileSketch.from_bytes(row["sketch"]))
+
+
 def _decode_deltas(deltas: Deltas) -> dict[PartKey, Acc]:
     """One accumulator per key: its deltas decoded and added up. Each accumulator is built from
     freshly decoded deltas, so it is merged into in place rather than copied (`fold` copies)."""
     out: dict[PartKey, Acc] = {}
     for key, rows in deltas.items():
         first, *rest = rows
-        acc = Acc.decode(first["sums"], first["sketch"])
+        acc = _delta(first)
         for row in rest:
-            acc.merge(Acc.decode(row["sums"], row["sketch"]))
+            acc.merge(_delta(row))
         out[key] = acc
     return out
 
@@ -428,17 +443,27 @@ async def _fold_log(conn: Connection, rows: Deltas, stats: MergeStats) -> None:
         [v.p95 for v in values],
         [v.p99 for v in values],
         [v.avg for v in values],
-        [v.bytes_in for v in values],
-        [v.bytes_out for v in values],
+        [str(v.bytes_in) for v in values],
+        [str(v.bytes_out) for v in values],
         [v.sketch for v in values],
     )
     stats.log_rows += len(keys)
     stats.deltas_folded += await _delete(conn, LOG_DELTAS, rows)
 
 
+def _usage_sum_columns(values: list[UsageValues]) -> list[list[Any]]:
+    """The USAGE_SUMS columns of `values`, the NUMERIC ones as text (see `_ARRAY`)."""
+    return [
+        [str(v.sums[j]) for v in values]
+        if _USAGE_VALUE_TYPES[j] == "numeric"
+        else [v.sums[j] for v in values]
+        for j in range(len(USAGE_SUMS))
+    ]
+
+
 def _usage_args(keys: list[Any], values: list[UsageValues]) -> list[list[Any]]:
     columns: list[list[Any]] = key_columns(keys)
-    columns += [[v.sums[j] for v in values] for j in range(len(USAGE_SUMS))]
+    columns += _usage_sum_columns(values)
     columns += [
         [v.avg for v in values],
         [v.p50 for v in values],
@@ -617,7 +642,7 @@ async def _fold_usage_monthly(conn: Connection, rows: Deltas, stats: MergeStats)
     await conn.execute(
         _UPSERT_USAGE_MONTHLY,
         *key_columns(keys),
-        *([v.sums[j] for v in shown] for j in range(len(USAGE_SUMS))),
+        *_usage_sum_columns(shown),
         [a.sums[-2] for a in accs],
         [a.sums[-1] for a in accs],
         [v.avg for v in shown],
