@@ -4,8 +4,9 @@ Order inside the transaction (docs/ingest.md "One batch, end to end", step 5), a
 1. compare-and-set every partition's `next_offset` first: it row-locks `ingest_offsets`, so a
    zombie and the new owner of a partition serialise here and the loser fails fast, before work;
 2. COPY the batch into a temporary staging table (fast binary COPY, no index maintenance);
-3. `INSERT INTO log_index ... SELECT ... ON CONFLICT DO NOTHING RETURNING id`: the returned ids
-   are the first sightings; everything else was indexed before and is a counted duplicate;
+3. `INSERT INTO log_index ... SELECT ... ON CONFLICT DO NOTHING`: the rows it inserts are the
+   first sightings (all of them when its count is the batch's; else it is redone with `RETURNING
+   id`); everything else was indexed before and is a counted duplicate;
 4. record the objects the rows point at (`ingest_objects`), so orphans are recognisable;
 5. run the batch extensions (usage rows, aggregate parts) on the first sightings only, so a
    replay or a duplicate can never be counted twice.
@@ -89,7 +90,7 @@ _COLS = ", ".join(LOG_INDEX_COLUMNS)
 #   float8 over the whole timestamptz range (seconds × 10^6 has at most 53 significant bits), so
 #   the stored value is the event's to the microsecond;
 # - the object and member as one number, `member`, into the batch's list of distinct pointers
-#   (object_uri, byte_offset, byte_length) sent once as arrays: ~80 events share a gzip member,
+#   (object_uri, byte_offset, byte_length) sent once as arrays: ~70 events share a gzip member,
 #   and the URI alone is ~150 bytes per row;
 # - storage_provider not at all: it is always 's3'.
 _STAGE_COLUMNS = (
