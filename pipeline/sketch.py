@@ -180,7 +180,7 @@ class QuantileSketch:
 
     def bins(self) -> tuple[IntArray, IntArray]:
         """Copies of the non-empty buckets' keys (ascending) and counts."""
-        nonzero = np.flatnonzero(self._counts)
+        nonzero = self._counts.nonzero()[0]
         return (nonzero + self._offset).astype(np.int64), self._counts[nonzero].copy()
 
     def __len__(self) -> int:
@@ -327,7 +327,7 @@ class QuantileSketch:
         if self._count == 0:
             raise ValueError("quantile of an empty sketch")
         n = self._count
-        cumulative = np.cumsum(self._counts)
+        cumulative = self._counts.cumsum()
         answers: list[float] = []
         for q in qs:
             # Same float expression as numpy's "lower" method, so ranks agree exactly.
@@ -339,7 +339,7 @@ class QuantileSketch:
             elif rank < self._zero:
                 answers.append(min(max(0.0, self._min), self._max))
             else:
-                index = int(np.searchsorted(cumulative, rank - self._zero, side="right"))
+                index = int(cumulative.searchsorted(rank - self._zero, side="right"))
                 estimate = self._map.value(self._offset + index)
                 answers.append(min(max(estimate, self._min), self._max))
         return answers
@@ -361,7 +361,7 @@ class QuantileSketch:
             layout, nbins, body = _bucket_section_small(counts.tolist())
         else:
             # A wide span is mostly empty buckets in a small sketch: only the non-empty ones count.
-            nonzero = np.flatnonzero(counts)
+            nonzero = counts.nonzero()[0]  # 1-D: np.flatnonzero without its dispatch overhead
             if nonzero.size <= _SMALL_SPAN:
                 layout, nbins, body = _bucket_section_sparse(
                     counts.size, nonzero.tolist(), counts[nonzero].tolist()
@@ -479,7 +479,7 @@ def _bucket_section(counts: npt.NDArray[np.uint64]) -> tuple[int, int, bytes]:
     if counts.size == 0:
         return _LAYOUT_SPARSE, 0, _EMPTY_BYTES
     # Both layouts are sized first; only the smaller one is written (sparse on a tie).
-    nonzero = np.flatnonzero(counts)
+    nonzero = counts.nonzero()[0]
     gaps = (np.diff(nonzero) - 1).astype(np.uint64)
     if int(counts.max()) < 0x80 and (gaps.size == 0 or int(gaps.max()) < 0x80):
         # Every count and gap is one byte, its own value: no varint table to build.
