@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Final
 
@@ -30,27 +30,26 @@ SKEW_LOG_THRESHOLD_S: Final = 60.0
 
 
 def observe_clock_skew(
-    histogram: Histogram, messages: Sequence[Message], new_events: Sequence[ValidEvent]
+    histogram: Histogram, sources: Mapping[str, Message], new_events: Sequence[ValidEvent]
 ) -> None:
     """Observe started_at minus the Kafka record timestamp for a sample of `new_events`.
 
-    An event is matched to its record by its bytes (`ValidEvent.line` is the record's value unless
-    the value held raw CR/LF bytes; such events are skipped, as are records without a timestamp):
-    bytes objects cache their hash, so the lookup costs one hash per record of the batch.
+    `sources` maps each event id to its record (the flush's own map): only the sample is looked up,
+    and records without a timestamp are skipped.
     Clients whose events are ahead by more than SKEW_LOG_THRESHOLD_S are logged at WARNING, at most
     five per batch: the client id is unbounded, so it is a log field, never a metric label."""
     if not new_events:
         return
     step = max(1, len(new_events) // SKEW_SAMPLE)
     sample = new_events[::step][:SKEW_SAMPLE]
-    stamps = {m.value: m.timestamp_ms for m in messages if m.timestamp_ms >= 0}
     ahead: Counter[str] = Counter()
     worst = 0.0
     skews: list[float] = []
     for event in sample:
-        stamp = stamps.get(event.line)
-        if stamp is None:
+        source = sources.get(event.event_id)
+        if source is None or source.timestamp_ms < 0:
             continue
+        stamp = source.timestamp_ms
         skew = event.started_at.timestamp() - stamp / 1000
         skews.append(skew)
         if skew > SKEW_LOG_THRESHOLD_S:
@@ -90,7 +89,7 @@ def record_batch(metrics: WorkerMetrics, batch: Batch, report: FlushReport) -> N
     for stage, seconds in report.stage_seconds.items():
         m.flush_stage_duration.labels(stage).observe(seconds)
     observe_many(m.freshness, freshness_seconds(outcome.committed_at, outcome.new_events))
-    observe_clock_skew(m.clock_skew, batch.messages, outcome.new_events)
+    observe_clock_skew(m.clock_skew, report.sources, outcome.new_events)
     log.info(
         "batch committed",
         extra={

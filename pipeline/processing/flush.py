@@ -2,7 +2,8 @@
 
 Two halves, each a chain of small functions below with typed results:
   prepare(ctx, batch) -> Prepared:
-    horizon -> decode (Decoded) -> dead letters -> encode (PendingObject) -> upload
+    horizon -> decode (Decoded) -> dead letters -> encode (PendingObject; the raw values let go,
+    the gzip bodies hold them from then on) -> upload
   commit(ctx, prepared) -> FlushReport:
     transaction (BatchOutcome) -> Kafka commit
 `flush` runs both for one batch. The worker pipelines them (pipeline/processing/flush_pipeline.py):
@@ -32,10 +33,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from typing import Final
@@ -99,6 +101,7 @@ class PendingObject:
     body: bytes
     record: ObjectRecord
     indexed: list[IndexedEvent]
+    line_ids: list[str]  # the event id of each line of `body`, in order (pointers may be removed)
     uploaded_at: float | None = None
 
     @property
@@ -111,6 +114,11 @@ class PendingObject:
     @property
     def bucket(self) -> str:
         return parse_object_uri(self.uri)[0]
+
+    def stored_lines(self) -> dict[str, bytes]:
+        """Each event's line as stored in `body` (a whole gzip stream: its members concatenated)."""
+        lines = gzip.decompress(self.body).split(b"\n")[:-1]  # every line ends with a newline
+        return dict(zip(self.line_ids, lines, strict=True))
 
     def rekey(self, topic: str) -> None:
         """Point this object (and its events' pointers) at a fresh key in the same bucket, not yet
@@ -128,7 +136,9 @@ class Decoded:
     valid: list[ValidEvent]
     letters: list[DeadLetter]
     in_batch_duplicates: int
-    source: dict[str, Message]  # event_id -> the message it came from (for a later dead letter)
+    # event_id -> the message it came from (for a later dead letter). Once encoded, a message whose
+    # value is its event's stored line holds None instead: `_sources` reads it back from the object.
+    source: dict[str, Message]
 
 
 @dataclass(slots=True)
@@ -138,6 +148,7 @@ class FlushReport:
     in_batch_duplicates: int
     outcome: BatchOutcome
     objects: list[int]  # compressed size of each object written
+    sources: dict[str, Message]  # event_id -> its message (partition, offset, timestamp)
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -194,6 +205,7 @@ async def prepare(ctx: FlushContext, batch: Batch) -> Prepared:
         await _send_dead_letters(ctx, decoded.letters)
     with _timed(stages, "encode"):
         pending = _encode(ctx, decoded.valid)
+        _release_values(decoded)
     try:
         with _timed(stages, "upload"):
             set_aside = await _upload_or_set_aside(ctx, pending, decoded)
@@ -230,6 +242,7 @@ async def commit(ctx: FlushContext, prepared: Prepared) -> FlushReport:
         in_batch_duplicates=decoded.in_batch_duplicates,
         outcome=outcome,
         objects=[len(p.body) for p in pending],
+        sources=decoded.source,
         stage_seconds=stages,
     )
 
@@ -341,8 +354,36 @@ def _encode(ctx: FlushContext, events: list[ValidEvent]) -> list[PendingObject]:
             for event, (offset, length) in zip(members, encoded.pointers, strict=True)
         ]
         record = ObjectRecord(uri, org, day, len(members), len(encoded.body))
-        pending.append(PendingObject((org, day, server), key, uri, encoded.body, record, indexed))
+        line_ids = [e.event_id for e in members]
+        pending.append(PendingObject((org, day, server), key, uri, encoded.body, record, indexed, line_ids))
     return pending
+
+
+def _release_values(decoded: Decoded) -> None:
+    """Let each encoded event's bytes go: from here to the commit a batch holds them only in its
+    gzip bodies (about a fifth of their size). With two batches in flight beside the buffer, the raw
+    values were the largest part of a worker's memory after the decoded events. A message whose
+    value is not the stored line (raw CR/LF turned into spaces) keeps it."""
+    source = decoded.source
+    for event in decoded.valid:
+        message = source[event.event_id]
+        if message.value is event.line:
+            message.value = None
+        event.line = b""
+
+
+def _sources(decoded: Decoded, p: PendingObject, events: Iterable[ValidEvent]) -> list[Message]:
+    """The messages of `events` (all in `p`), each with its value: read back from `p`'s body where
+    `_release_values` let it go (the stored line is the value, byte for byte)."""
+    lines: dict[str, bytes] | None = None
+    messages = []
+    for event in events:
+        message = decoded.source[event.event_id]
+        if message.value is None:
+            lines = p.stored_lines() if lines is None else lines
+            message = replace(message, value=lines[event.event_id])
+        messages.append(message)
+    return messages
 
 
 async def _upload(ctx: FlushContext, pending: list[PendingObject]) -> None:
@@ -382,8 +423,8 @@ async def _upload_or_set_aside(
                 if p.uploaded:
                     ctx.metrics.orphaned_uploads.inc()
                 letters.extend(
-                    DeadLetter(decoded.source[i.event.event_id], "storage_unavailable", down.detail[:512])
-                    for i in p.indexed
+                    DeadLetter(m, "storage_unavailable", down.detail[:512])
+                    for m in _sources(decoded, p, (i.event for i in p.indexed))
                 )
             log.warning("dead-lettering the events of an unavailable bucket", extra={"bucket": down.bucket})
 
@@ -433,11 +474,9 @@ async def _commit(
             except HorizonMoved as moved:
                 letters = _expire(ctx, pending, decoded, moved.horizon)
             else:
-                refused = _remove(ctx, pending, culprits)
+                refused = _remove(ctx, pending, decoded, culprits)
                 detail = f"{type(error.cause).__name__}: {error.cause}"
-                letters = [
-                    DeadLetter(decoded.source[e.event_id], "rejected_by_database", detail) for e in refused
-                ]
+                letters = [DeadLetter(m, "rejected_by_database", detail) for _, m in refused]
         log.warning(
             "dead-lettering events the transaction refused",
             extra={"count": len(letters), "reason": letters[0].reason if letters else None},
@@ -502,23 +541,26 @@ def _expire(
     ctx: FlushContext, pending: list[PendingObject], decoded: Decoded, horizon: date
 ) -> list[DeadLetter]:
     """Dead letters for the events the retention horizon has passed, taken out of the batch."""
-    expired = _remove(ctx, pending, {e.event_id for e in _events(pending) if e.started_at.date() < horizon})
-    return [_expired(decoded.source[e.event_id], e, horizon) for e in expired]
+    expired = {e.event_id for e in _events(pending) if e.started_at.date() < horizon}
+    return [_expired(m, e, horizon) for e, m in _remove(ctx, pending, decoded, expired)]
 
 
 def _events(pending: list[PendingObject]) -> Iterator[ValidEvent]:
     return (i.event for p in pending for i in p.indexed)
 
 
-def _remove(ctx: FlushContext, pending: list[PendingObject], event_ids: set[str]) -> list[ValidEvent]:
+def _remove(
+    ctx: FlushContext, pending: list[PendingObject], decoded: Decoded, event_ids: set[str]
+) -> list[tuple[ValidEvent, Message]]:
     """Take these events out of the objects' pointers; objects left with none are dropped (their
-    uploads become orphans for the janitor). Returns the events removed."""
-    removed: list[ValidEvent] = []
+    uploads become orphans for the janitor). Returns the events removed, each with its message."""
+    removed: list[tuple[ValidEvent, Message]] = []
     for p in list(pending):
         keep = [i for i in p.indexed if i.event.event_id not in event_ids]
         if len(keep) == len(p.indexed):
             continue
-        removed.extend(i.event for i in p.indexed if i.event.event_id in event_ids)
+        gone = [i.event for i in p.indexed if i.event.event_id in event_ids]
+        removed.extend(zip(gone, _sources(decoded, p, gone), strict=True))
         p.indexed = keep
         p.record = replace(p.record, event_count=len(keep))
         if not keep:

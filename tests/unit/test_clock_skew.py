@@ -1,5 +1,5 @@
-"""The clock-skew histogram: started_at minus the Kafka record timestamp, matched per event by the
-record's bytes, sampled, and clients ahead of Kafka logged (never a metric label)."""
+"""The clock-skew histogram: started_at minus the Kafka record timestamp, matched per event by its
+id, sampled, and clients ahead of Kafka logged (never a metric label)."""
 
 from __future__ import annotations
 
@@ -46,11 +46,12 @@ def _skew_samples(metrics: WorkerMetrics) -> dict[str, float]:
 def test_each_event_is_observed_against_its_own_record() -> None:
     metrics = WorkerMetrics(CollectorRegistry())
     pairs = [_record(1, -30.0), _record(2, 0.5), _record(3, 120.0)]
-    # records in another order than the events, and a record without a timestamp (skipped)
-    messages = [pairs[2][0], pairs[0][0], pairs[1][0]]
+    # a record without a timestamp (skipped), and an event with no record (skipped)
     extra, extra_event = _record(4, 999.0)
     extra.timestamp_ms = -1
-    observe_clock_skew(metrics.clock_skew, [*messages, extra], [e for _, e in pairs] + [extra_event])
+    _, unknown_event = _record(5, 999.0)
+    sources = {e.event_id: m for m, e in pairs} | {extra_event.event_id: extra}
+    observe_clock_skew(metrics.clock_skew, sources, [e for _, e in pairs] + [extra_event, unknown_event])
     samples = _skew_samples(metrics)
     assert samples["omnilog_clock_skew_seconds_count"] == 3
     # no _sum: OpenMetrics histograms with negative buckets do not expose one
@@ -65,7 +66,7 @@ def test_a_large_batch_is_sampled_and_clients_ahead_are_logged(caplog: pytest.Lo
     metrics = WorkerMetrics(CollectorRegistry())
     pairs = [_record(i, 600.0 if i % 2 else -1.0, CLIENT if i % 2 else None) for i in range(2000)]
     with caplog.at_level(logging.WARNING, logger="omnilog.worker"):
-        observe_clock_skew(metrics.clock_skew, [m for m, _ in pairs], [e for _, e in pairs])
+        observe_clock_skew(metrics.clock_skew, {e.event_id: m for m, e in pairs}, [e for _, e in pairs])
     samples = _skew_samples(metrics)
     assert 0 < samples["omnilog_clock_skew_seconds_count"] <= SKEW_SAMPLE
     ahead = [r for r in caplog.records if "clock is ahead" in r.getMessage()]
@@ -74,5 +75,6 @@ def test_a_large_batch_is_sampled_and_clients_ahead_are_logged(caplog: pytest.Lo
 
 def test_no_new_events_observes_nothing() -> None:
     metrics = WorkerMetrics(CollectorRegistry())
-    observe_clock_skew(metrics.clock_skew, [_record(1, 5.0)[0]], [])
+    message, event = _record(1, 5.0)
+    observe_clock_skew(metrics.clock_skew, {event.event_id: message}, [])
     assert _skew_samples(metrics)["omnilog_clock_skew_seconds_count"] == 0

@@ -101,6 +101,7 @@ async def test_a_row_postgres_refuses_is_dead_lettered_and_the_rest_committed() 
     assert set(h.index.rows) == ids(values) - {bad}
     assert h.index.offsets == {0: 50}
     assert [(m.message.offset, m.reason) for m in h.letters.sent] == [(31, "rejected_by_database")]
+    assert h.letters.sent[0].message.value == values[31]  # read back from the object: as received
     assert [m.reason for m in report.letters] == ["rejected_by_database"]
     names = h.log.names()
     assert names.index("dead_letters") < names.index("commit")  # the letter before the commit
@@ -143,6 +144,29 @@ async def test_events_the_horizon_passed_during_the_flush_are_expired() -> None:
         (1, "expired"),
         (2, "expired"),
     ]
+    assert [m.message.value for m in sorted(h.letters.sent, key=lambda m: m.message.offset)] == old
+
+
+async def test_a_prepared_batch_holds_its_values_only_in_its_objects() -> None:
+    """Between encode and commit the raw values are let go (a batch in flight holds its gzip bodies);
+    a dead letter found in the transaction still carries its message's value exactly as received,
+    including a value with raw CR/LF whitespace (stored with spaces instead, so kept as it was)."""
+    h = harness({0: 0})
+    values = [event() for _ in range(4)]
+    values[2] = values[2].replace(b"{", b"{\r\n", 1)
+    refused = {orjson.loads(values[i])["event_id"] for i in (1, 2)}
+    batch = make_batch({0: 0}, {0: list(values)})
+
+    prepared = await flush_module.prepare(h.ctx, batch)
+
+    assert [m.value for m in batch.messages] == [None, None, values[2], None]
+    h.index.refuse = refused
+    await flush_module.commit(h.ctx, prepared)
+    assert sorted((m.message.offset, m.message.value) for m in h.letters.sent) == [
+        (1, values[1]),
+        (2, values[2]),
+    ]
+    assert set(h.index.rows) == ids([values[0], values[3]]) and h.index.offsets == {0: 4}
 
 
 async def test_uploads_held_too_long_are_renewed_before_the_commit() -> None:
