@@ -280,15 +280,18 @@ class IngestWorker:
                 # a whole poll timeout (that idled ~100 ms per batch while draining a backlog; see
                 # docs/performance.md).
                 await flushes.wait(0.1)
-                records = {}
             else:
-                records = await self._fetch(consumer)
-            for tp, batch in records.items():
-                self.metrics.events_consumed.inc(self._buffer.add(tp.partition, batch))
+                self._add(await self._fetch(consumer))
             await self._reap_finished(flushes)
             if flushes.has_room() and self._ready.dlq_tripped is None and self._buffer.due():
                 flushes.start(self._buffer.take())
             self._update_lag(consumer)
+
+    def _add(self, records: dict[TopicPartition, list[Any]]) -> None:
+        # A function of its own: the fetched records (aiokafka's objects, one per event) are let go
+        # once buffered, not held through the loop's next awaits.
+        for tp, fetched in records.items():
+            self.metrics.events_consumed.inc(self._buffer.add(tp.partition, fetched))
 
     async def _fetch(self, consumer: AIOKafkaConsumer) -> dict[TopicPartition, list[Any]]:
         """getmany, except when a fetch position no longer fits its log (OFFSET_OUT_OF_RANGE, or a
@@ -297,8 +300,13 @@ class IngestWorker:
         stored offset, fitted to its log by OMNILOG_OFFSET_OUT_OF_RANGE
         (consumers/ingest/offset_guard.py)."""
         try:
+            # No more than the open batch has room for: a batch never outgrows
+            # OMNILOG_BATCH_MAX_EVENTS (a fetch of a whole batch's worth onto a nearly full buffer
+            # made batches of up to ~1.2x that, and a worker's memory grows with its batches). What
+            # is not taken now stays in aiokafka's fetch buffer, as received.
+            room = max(1, self.settings.batch_max_events - len(self._buffer))
             records: dict[TopicPartition, list[Any]] = await consumer.getmany(
-                timeout_ms=100, max_records=self.settings.batch_max_events
+                timeout_ms=100, max_records=room
             )
         except NoOffsetForPartitionError:
             # aiokafka fetches newly assigned partitions before on_assigned has sought them; the

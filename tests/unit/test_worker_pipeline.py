@@ -154,6 +154,20 @@ async def test_the_loop_prepares_the_next_batch_during_a_commit_and_commits_in_o
     assert rig.worker._committed == {0: 9}
 
 
+async def test_a_fetch_onto_a_part_filled_buffer_never_makes_a_batch_above_its_event_limit() -> None:
+    rig = _rig(events=2)  # batches of 3: the first fetch leaves the buffer at 2, not due
+    assert rig.h.index.block is not None
+    rig.h.index.block.set()
+    with _polling(rig) as loop:
+        await _until(lambda: len(rig.worker._buffer) == 2)
+        rig.consumer.records[0] += [Record(i, event()) for i in range(2, 9)]  # a backlog arrives
+        await _until(lambda: rig.h.index.offsets == {0: 9})
+    await asyncio.wait_for(loop, 2.0)
+
+    commits = [ranges for name, ranges in rig.h.log.calls if name == "commit"]
+    assert commits == [[(0, 0, 3)], [(0, 3, 6)], [(0, 6, 9)]]
+
+
 async def test_a_fenced_batch_discards_the_next_and_the_worker_rereads_its_positions() -> None:
     rig = _rig(events=9)
     with _polling(rig) as loop:
