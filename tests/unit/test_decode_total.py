@@ -139,7 +139,9 @@ def test_an_unexpected_exception_is_one_dead_letter_naming_its_class(monkeypatch
         raise KeyError("boom")
 
     good = orjson.dumps(_event())
+    # Whichever way started_at is parsed (the SDK's shape, or the full rules), the parse fails.
     monkeypatch.setattr(event_module.rules, "timestamp", broken)
+    monkeypatch.setattr(event_module, "_from_iso", broken)
     decoded = decode([_message(good, 0), _message(b"{}", 1)], POLICY, NOW, horizon=None)
     letters = {letter.message.offset: letter for letter in decoded.letters}
     assert letters[0].reason == "internal_error" and letters[0].exception == "KeyError"
