@@ -25,7 +25,10 @@ SETTINGS = settings(max_examples=600, deadline=None, suppress_health_check=[Heal
 SHAPE = "2026-11-29T11:59:58.123Z"
 
 # Characters that stress a digit's place: other digits, Unicode digits, signs, separators, letters.
-odd_chars = st.sampled_from(list("0123456789+-:.,TtZz Wé\x00") + ["٣", "１", "²"]) | st.characters()
+# (No lone surrogates: JSON text cannot carry them.)
+odd_chars = st.sampled_from([*"0123456789+-:.,TtZz Wé\x00", "٣", "１", "²"]) | st.characters(
+    exclude_categories=["Cs"]
+)
 
 
 def verdict(result: ValidEvent | InvalidEvent) -> tuple[Any, ...]:
