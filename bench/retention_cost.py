@@ -41,13 +41,27 @@ from typing import TYPE_CHECKING, Any, cast
 import asyncpg
 
 from pipeline.commands.maintain import EXPIRY_IDLE_RATIO, EXPIRY_PAGE_OBJECTS
-from sinks.index import _CREATE_STAGE, _INSERT_NEW, _STAGE, LOG_INDEX_COLUMNS
+from sinks.index import LOG_INDEX_COLUMNS
 from sinks.janitor import expire_before_horizon, expire_organization
 from sinks.partitions import ensure_day_partitions
 from sinks.retention import advance_horizon
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
+
+# The ingest load's own stage, in log_index's columns (remote_ip as text, cast by the INSERT): the
+# batch transaction's stage (sinks/index.py) takes the worker's pre-encoded rows, not these.
+_STAGE = "retention_cost_stage"
+_CREATE_STAGE = (
+    f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} ON COMMIT DELETE ROWS AS SELECT "
+    + ", ".join("remote_ip::text AS remote_ip" if c == "remote_ip" else c for c in LOG_INDEX_COLUMNS)
+    + " FROM log_index WITH NO DATA"
+)
+_INSERT_NEW = (
+    f"INSERT INTO log_index ({', '.join(LOG_INDEX_COLUMNS)}) SELECT "
+    + ", ".join("remote_ip::inet" if c == "remote_ip" else c for c in LOG_INDEX_COLUMNS)
+    + f" FROM {_STAGE} ON CONFLICT DO NOTHING RETURNING id::text"
+)
 
 EXPIRING_ORG = uuid.UUID(int=0xE1)
 INGEST_ORGS = [uuid.UUID(int=0x100 + n) for n in range(20)]
