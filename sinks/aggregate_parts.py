@@ -680,15 +680,40 @@ class AggregateDeltasWriter:
     def __init__(self, server_window_s: int = DEFAULT_SERVER_WINDOW_S) -> None:
         self.server_window_s = valid_server_window(server_window_s)
 
-    async def write(self, conn: Connection, new_events: Sequence[ValidEvent], source_partition: int) -> None:
+    def build(self, new_events: Sequence[ValidEvent], source_partition: int) -> BuiltDeltas:
+        """The batch's deltas grouped, without the database: the flush builds them before the
+        transaction, while the batch before commits (sinks/index.py `prebuild`)."""
         # The events are read once; every deltas table groups from what that pass gathered.
         batch = BatchColumns.of(new_events, self.server_window_s)
-        await insert_deltas(conn, LOG_DELTAS, log_parts_of(batch))
-        usage = usage_parts_of(batch)
-        await insert_deltas(conn, USAGE_DELTAS, await count_new_users(conn, usage))
-        await insert_deltas(conn, USAGE_USER_DELTAS, usage.daily_users)
-        await insert_deltas(conn, USAGE_MONTHLY_DELTAS, await count_month_news(conn, month_parts_of(batch)))
-        servers = server_parts_of(batch, self.server_window_s)
+        return BuiltDeltas(
+            log=log_parts_of(batch),
+            usage=usage_parts_of(batch),
+            months=month_parts_of(batch),
+            servers=server_parts_of(batch, self.server_window_s),
+            server_window_s=self.server_window_s,
+        )
+
+    async def write(self, conn: Connection, new_events: Sequence[ValidEvent], source_partition: int) -> None:
+        await self.build(new_events, source_partition).write(conn)
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltDeltas:
+    """A batch's grouped deltas. `write` counts the users, days and sessions new to their sets and
+    inserts the deltas, in the batch transaction. It reads the parts and never changes them, so a
+    transaction retried after a failure writes the same deltas again."""
+
+    log: dict[PartKey, Acc]
+    usage: UsageParts
+    months: MonthParts
+    servers: ServerParts
+    server_window_s: int
+
+    async def write(self, conn: Connection) -> None:
+        await insert_deltas(conn, LOG_DELTAS, self.log)
+        await insert_deltas(conn, USAGE_DELTAS, await count_new_users(conn, self.usage))
+        await insert_deltas(conn, USAGE_USER_DELTAS, self.usage.daily_users)
+        await insert_deltas(conn, USAGE_MONTHLY_DELTAS, await count_month_news(conn, self.months))
         await insert_deltas(
-            conn, SERVER_STATS_DELTAS, await count_new_sessions(conn, servers, self.server_window_s)
+            conn, SERVER_STATS_DELTAS, await count_new_sessions(conn, self.servers, self.server_window_s)
         )

@@ -42,6 +42,15 @@ class Horizon:
 EnsurePartitions = Callable[[Connection, set[date]], Awaitable[None]]
 
 
+class BuiltWrites(Protocol):
+    """An extension's rows for one set of events, computed without the database."""
+
+    async def write(self, conn: Connection) -> None:
+        """Write them in the batch transaction. Must not change what was built: a transaction
+        retried after a failure writes the same rows again."""
+        ...
+
+
 class BatchExtension(Protocol):
     """Extra writes in the batch transaction, fed only the events seen for the first time.
 
@@ -50,9 +59,32 @@ class BatchExtension(Protocol):
     written by two live workers at once.
     """
 
+    def build(self, new_events: Sequence[ValidEvent], source_partition: int) -> BuiltWrites:
+        """The rows for `new_events`, without the database: pure, so it may run before the
+        transaction, while the batch before this one commits (`PostgresIndexStore.prebuild`)."""
+        ...
+
     async def write(
         self, conn: Connection, new_events: Sequence[ValidEvent], source_partition: int
     ) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PrebuiltBatch:
+    """What the batch transaction writes, computed before it from `indexed` on the bet that every
+    event is new (the usual case). The transaction uses it only for exactly those IndexedEvent
+    objects (rekeyed, expired or refused events make new lists: it then builds again), and the
+    extensions' rows only when every event was indexed for the first time."""
+
+    indexed: Sequence[IndexedEvent]
+    days: frozenset[date]
+    stage: StageRows
+    writes: Sequence[BuiltWrites]
+
+    def fits(self, indexed: Sequence[IndexedEvent]) -> bool:
+        return len(indexed) == len(self.indexed) and all(
+            a is b for a, b in zip(indexed, self.indexed, strict=True)
+        )
 
 
 LOG_INDEX_COLUMNS = (
@@ -243,12 +275,16 @@ async def commit_batch(
     extensions: Sequence[BatchExtension] = (),
     lock_horizon: Callable[[Connection], Awaitable[date | None]] | None = None,
     earliest_day: date | None = None,
+    prebuilt: PrebuiltBatch | None = None,
 ) -> BatchOutcome:
     """Make one batch durable, or raise (Fenced, HorizonMoved, or the database error) with nothing
     written. `lock_horizon` reads the retention horizon and keeps `maintain` from moving it until
     this transaction ends, so no row can land in a day partition that is being dropped.
     `earliest_day` is the earliest started_at day of `indexed` when the caller already has the
-    batch's days (`PostgresIndexStore.commit` does): the events are then not scanned again."""
+    batch's days (`PostgresIndexStore.commit` does): the events are then not scanned again.
+    `prebuilt`: the stage rows and extension rows computed before, for exactly `indexed`."""
+    if prebuilt is not None and not prebuilt.fits(indexed):
+        prebuilt = None
     async with conn.transaction():
         advanced = await conn.fetch(
             _ADVANCE_OFFSETS,
@@ -269,7 +305,7 @@ async def commit_batch(
                 raise HorizonMoved(horizon)
         new_events: list[ValidEvent] = []
         if indexed:
-            stage = stage_rows(indexed)
+            stage = prebuilt.stage if prebuilt is not None else stage_rows(indexed)
             await conn.execute(_CREATE_STAGE)
             await conn.copy_records_to_table(_STAGE, records=stage.records, columns=_STAGE_COLUMNS)
             new_events = await _insert_new(conn, stage)
@@ -283,8 +319,12 @@ async def commit_batch(
                 [o.byte_size for o in objects],
             )
         if new_events:
-            for extension in extensions:
-                await extension.write(conn, new_events, ranges[0].partition)
+            if prebuilt is not None and new_events is prebuilt.stage.events:  # every event is new
+                writes = prebuilt.writes
+            else:
+                writes = [extension.build(new_events, ranges[0].partition) for extension in extensions]
+            for built in writes:
+                await built.write(conn)
         committed_at = await conn.fetchval("SELECT clock_timestamp()")
     return BatchOutcome(
         new_events=new_events, duplicates=len(indexed) - len(new_events), committed_at=committed_at
@@ -310,6 +350,18 @@ class PostgresIndexStore:
         async with self.pool.acquire() as conn:
             return await self.horizon.load(conn)
 
+    def prebuild(self, ranges: Sequence[PartitionRange], indexed: Sequence[IndexedEvent]) -> PrebuiltBatch:
+        """The transaction's rows for `indexed`, built now: the flush calls it while the batch before
+        commits, so this CPU work overlaps that batch's time in PostgreSQL instead of adding to
+        this batch's."""
+        stage = stage_rows(indexed)
+        partition = ranges[0].partition if ranges else 0
+        writes = (
+            [extension.build(stage.events, partition) for extension in self.extensions] if indexed else []
+        )
+        days = frozenset(i.event.started_at.date() for i in indexed)
+        return PrebuiltBatch(indexed=list(indexed), days=days, stage=stage, writes=writes)
+
     async def commit(
         self,
         ranges: Sequence[PartitionRange],
@@ -318,9 +370,11 @@ class PostgresIndexStore:
         *,
         check_horizon: bool = True,
         rollback: bool = False,
+        prebuilt: object = None,
     ) -> BatchOutcome:
+        ready = prebuilt if isinstance(prebuilt, PrebuiltBatch) and prebuilt.fits(indexed) else None
         async with self.pool.acquire() as conn:
-            days = {i.event.started_at.date() for i in indexed}
+            days = set(ready.days) if ready is not None else {i.event.started_at.date() for i in indexed}
             if self.ensure_partitions is not None and days:
                 await self.ensure_partitions(conn, days)
 
@@ -335,6 +389,7 @@ class PostgresIndexStore:
                     extensions=self.extensions,
                     lock_horizon=self.horizon.lock if self.horizon is not None and check_horizon else None,
                     earliest_day=min(days) if days else None,
+                    prebuilt=ready,
                 )
 
             if not rollback:

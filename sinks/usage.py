@@ -14,6 +14,7 @@ becomes the seed's 'blocked', `tool_name` falls back to the rpc_method (then '')
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Final
 
 from pipeline.contract import ValidEvent
@@ -108,7 +109,8 @@ def mcp_usage_row(e: ValidEvent) -> tuple[object, ...]:
 class UsageRowsWriter:
     """The batch extension writing `usage_events` and `mcp_usage` rows (binary COPY)."""
 
-    async def write(self, conn: Connection, new_events: Sequence[ValidEvent], source_partition: int) -> None:
+    def build(self, new_events: Sequence[ValidEvent], source_partition: int) -> BuiltUsageRows:
+        """The rows, without the database (built before the transaction: sinks/index.py `prebuild`)."""
         usage: list[tuple[object, ...]] = []
         calls: list[tuple[object, ...]] = []
         for e in new_events:  # one pass for both tables
@@ -116,7 +118,21 @@ class UsageRowsWriter:
                 usage.append(usage_event_row(e))
             if e.server_id is not None and is_mcp_call(e):
                 calls.append(mcp_usage_row(e))
-        if usage:
-            await conn.copy_records_to_table("usage_events", records=usage, columns=USAGE_EVENT_COLUMNS)
-        if calls:
-            await conn.copy_records_to_table("mcp_usage", records=calls, columns=MCP_USAGE_COLUMNS)
+        return BuiltUsageRows(usage, calls)
+
+    async def write(self, conn: Connection, new_events: Sequence[ValidEvent], source_partition: int) -> None:
+        await self.build(new_events, source_partition).write(conn)
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltUsageRows:
+    """A batch's `usage_events` and `mcp_usage` rows; `write` COPYs them in the batch transaction."""
+
+    usage: list[tuple[object, ...]]
+    calls: list[tuple[object, ...]]
+
+    async def write(self, conn: Connection) -> None:
+        if self.usage:
+            await conn.copy_records_to_table("usage_events", records=self.usage, columns=USAGE_EVENT_COLUMNS)
+        if self.calls:
+            await conn.copy_records_to_table("mcp_usage", records=self.calls, columns=MCP_USAGE_COLUMNS)

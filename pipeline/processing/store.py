@@ -55,6 +55,12 @@ class IndexStore(Protocol):
         """The first UTC day still accepted (None: no retention horizon yet). A plain read."""
         ...
 
+    def prebuild(self, ranges: Sequence[PartitionRange], indexed: Sequence[IndexedEvent]) -> object:
+        """The transaction's rows for `indexed`, computed without touching storage, to hand to
+        `commit(prebuilt=)`. The flush calls it while the batch before commits. Opaque to the flush;
+        `commit` must give the same result with or without it."""
+        ...
+
     async def commit(
         self,
         ranges: Sequence[PartitionRange],
@@ -63,12 +69,14 @@ class IndexStore(Protocol):
         *,
         check_horizon: bool = True,
         rollback: bool = False,
+        prebuilt: object = None,
     ) -> BatchOutcome:
         """Advance every range's stored offset (the fence) and write the rows, in one transaction.
 
         Raises `Fenced` (a stored offset is not at its range's start; nothing written), `HorizonMoved`
         (an event is before the horizon locked in the transaction; nothing written) or the storage
-        error. With `rollback` the same writes are tried and then rolled back: a probe.
+        error. With `rollback` the same writes are tried and then rolled back: a probe. `prebuilt`
+        is `prebuild`'s answer for these ranges and events, or None.
         """
         ...
 

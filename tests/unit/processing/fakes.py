@@ -64,6 +64,10 @@ class FakeIndex:
     async def load_horizon(self) -> date | None:
         return self.horizon
 
+    def prebuild(self, ranges: Sequence[PartitionRange], indexed: Sequence[IndexedEvent]) -> object:
+        # What the real store does not use blindly either: commit checks it is for these events.
+        return [i.event.event_id for i in indexed]
+
     async def commit(
         self,
         ranges: Sequence[PartitionRange],
@@ -72,6 +76,7 @@ class FakeIndex:
         *,
         check_horizon: bool = True,
         rollback: bool = False,
+        prebuilt: object = None,
     ) -> BatchOutcome:
         if not rollback:
             self.begun.append(([(r.partition, r.start, r.end) for r in ranges], len(self.log.calls)))
