@@ -23,9 +23,10 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
+from pipeline.processing.flush import counted_since
 from sinks.aggregate_parts import SERVER_STATS_DELTAS, SLOTS
 from sinks.db import Connection
-from sinks.merger import SLOT_LOCK_CLASS, day_of
+from sinks.merger import SLOT_LOCK_CLASS
 
 log = logging.getLogger("omnilog.held_deltas")
 
@@ -49,8 +50,9 @@ _COUNT: Final = (
 
 
 def held_delta_cutoff(max_event_age_days: int, now: datetime | None = None) -> datetime:
-    """The first window start still kept: the merger's user-set cutoff (the lateness plus a day)."""
-    return day_of(now or datetime.now(UTC)) - timedelta(days=max_event_age_days + 1)
+    """The first window start still kept: the oldest started_at a flush accepts
+    (pipeline/processing/flush.py `counted_since`); no accepted event can reach an older window."""
+    return counted_since(now or datetime.now(UTC), timedelta(days=max_event_age_days))
 
 
 async def expire_held_server_deltas(

@@ -45,6 +45,7 @@ from prometheus_client import CollectorRegistry
 
 from pipeline import failpoints
 from pipeline.metrics import WorkerMetrics
+from pipeline.processing.flush import counted_since
 from pipeline.processing.retry import ErrorKind, RetryPolicy, classify
 from pipeline.sketch import QuantileSketch
 from sinks.aggregate_parts import (
@@ -882,9 +883,11 @@ _PRUNE = (
 
 
 async def prune_user_sets(conn: Connection, max_event_age_days: int, now: datetime | None = None) -> None:
-    """Drop the user sets of windows no accepted event can reach any more (older than the longest
-    accepted lateness, plus a day of margin): their unique-user counts are final."""
-    cutoff = day_of(now or datetime.now(UTC)) - timedelta(days=max_event_age_days + 1)
+    """Drop the user sets of windows no accepted event can reach any more: older than the oldest
+    `started_at` a flush accepts (pipeline/processing/flush.py `counted_since`, which bounds a
+    lagging worker too), plus a day for a batch decoded before this prune and committed after it.
+    Their unique-user counts are final."""
+    cutoff = counted_since(now or datetime.now(UTC), timedelta(days=max_event_age_days)) - timedelta(days=1)
     async with conn.transaction():
         for statement in _PRUNE:
             await conn.execute(statement, cutoff)

@@ -39,7 +39,7 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Final
 
 from pipeline import failpoints
@@ -300,6 +300,7 @@ def decode(
     in_batch_duplicates = 0
     now_ms = int(now.timestamp() * 1000)
     reference, reference_ms = now, now_ms
+    floor = counted_since(now, policy.max_age)
     for message in messages:
         stamp = message.timestamp_ms
         if 0 <= stamp < now_ms and stamp != reference_ms:
@@ -314,12 +315,32 @@ def decode(
             letters.append(DeadLetter(message, result.reason, result.detail, result.exception))
         elif horizon is not None and result.started_at.date() < horizon:
             letters.append(_expired(message, result, horizon))
+        elif result.started_at < floor:
+            letters.append(_uncountable(message, result, floor))
         elif result.event_id in source:
             in_batch_duplicates += 1
         else:
             source[result.event_id] = message
             valid.append(result)
     return Decoded(valid, letters, in_batch_duplicates, source)
+
+
+def counted_since(now: datetime, max_age: timedelta) -> datetime:
+    """The oldest `started_at` a flush at `now` accepts, whatever its record's timestamp: the
+    merger keeps the user sets (hour, day, month users, sessions) of a day older than that for one
+    more day (sinks/merger.py `prune_user_sets`), so a user can never be new twice in one window.
+    A worker up to a day behind its topic is not affected; one further behind dead-letters the
+    events its records' age would still have accepted beyond that floor."""
+    midnight = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return midnight - max_age - timedelta(days=1)
+
+
+def _uncountable(message: Message, event: ValidEvent, floor: datetime) -> DeadLetter:
+    detail = (
+        f"started_at: {event.started_at.isoformat()} is before {floor.isoformat()}: the unique users "
+        "of its windows are final (the worker is more than a day behind its topic)"
+    )
+    return DeadLetter(message, "out_of_range_time", detail)
 
 
 def _expired(message: Message, event: ValidEvent, horizon: date) -> DeadLetter:

@@ -61,11 +61,6 @@ async def _commit(conn: asyncpg.Connection, event: ValidEvent) -> None:
             await extension.write(conn, [event], 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known double count: the flush accepts events older than the user sets the merger keeps "
-    "when the worker lags by more than a day; remove with the fix (h7-flake report)",
-)
 async def test_a_lagging_worker_counts_a_user_once_across_the_hourly_prune(fresh_database_url: str) -> None:
     """Two events of one user, hour and key, read from a backlog days old: the first two days ago,
     the second now, after the merger's prune. Whatever the flush accepts is counted once, and the

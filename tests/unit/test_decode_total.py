@@ -149,11 +149,13 @@ def test_an_unexpected_exception_is_one_dead_letter_naming_its_class(monkeypatch
 
 
 def test_the_window_is_measured_from_the_record_timestamp() -> None:
-    """A replay days later gives the same verdict: the reference is the record's timestamp."""
-    record_ms = NOW_MS - 10 * 86_400_000  # produced ten days before the worker reads it
-    started = datetime.fromtimestamp(record_ms / 1000, UTC) - timedelta(days=85)  # 95 days before NOW
+    """A replay later gives the same verdict: the reference is the record's timestamp (down to the
+    floor of flush.counted_since, which a worker less than a day behind never reaches)."""
+    record_ms = NOW_MS - 12 * 3_600_000  # produced half a day before the worker reads it
+    record = datetime.fromtimestamp(record_ms / 1000, UTC)
+    started = record - timedelta(days=89, hours=20)  # 90 days 8 h before NOW: too old for NOW's window
     raw = orjson.dumps(_event(started_at=started.isoformat()))
-    for later in (NOW, NOW + timedelta(days=30)):
+    for later in (NOW, NOW + timedelta(hours=6)):
         decoded = decode([_message(raw, 0, record_ms)], POLICY, later, horizon=None)
         assert len(decoded.valid) == 1, later
     too_old = orjson.dumps(_event(started_at=(started - timedelta(days=6)).isoformat()))

@@ -200,17 +200,29 @@ async def test_a_cancelled_flush_commits_nothing() -> None:
 
 
 async def test_replaying_a_batch_after_a_crash_gives_the_same_verdicts() -> None:
-    """Validation depends on the message and its record timestamp, never on when it is read."""
+    """Validation depends on the message and its record timestamp; when it is read matters only
+    for an event older than the user sets the merger keeps (see the next test)."""
     h = harness({0: 0})
     stamp = NOW_MS - 30 * 86_400_000
-    values = [event(started=NOW - timedelta(days=100)), event(started=NOW - timedelta(days=130))]
-    for later in (NOW, NOW + timedelta(days=60)):
+    values = [event(started=NOW - timedelta(days=80)), event(started=NOW - timedelta(days=130))]
+    for later in (NOW, NOW + timedelta(days=10)):
         buffer = BatchBuffer(BatchLimits(100, 10**9, 60.0))
         buffer.assign({0: 0})
         buffer.add(0, [Record(i, v, timestamp=stamp) for i, v in enumerate(values)])
         decoded = flush_module.decode(buffer.take().messages, h.ctx.policy, later, None)
         assert [(m.message.offset, m.reason) for m in decoded.letters] == [(1, "out_of_range_time")]
         assert len(decoded.valid) == 1
+
+
+def test_an_event_older_than_the_user_sets_kept_is_dead_lettered_whatever_its_record() -> None:
+    """A worker a month behind: the record's age would accept the event, but its windows' unique
+    users are final (sinks/merger.py prunes their sets), so counting it could count a user twice."""
+    h = harness({0: 0})
+    old = make_batch({0: 0}, {0: [event(started=NOW - timedelta(days=100))]}).messages
+    old[0].timestamp_ms = NOW_MS - 30 * 86_400_000
+    decoded = flush_module.decode(old, h.ctx.policy, NOW, None)
+    assert decoded.valid == [] and [m.reason for m in decoded.letters] == ["out_of_range_time"]
+    assert "unique users" in decoded.letters[0].detail
 
 
 # ---- the two halves, and pipelining: batch N+1 prepared while batch N commits -----------------
