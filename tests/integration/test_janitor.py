@@ -17,6 +17,7 @@ from sinks.migrate import migrate
 from sinks.objects import ObjectWriter, s3_client
 from sinks.partitions import ensure_day_partitions
 from sinks.retention import advance_horizon
+from tests.integration.cli_env import command_env
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +84,7 @@ async def test_retention_removes_index_rows_and_objects_together(fresh_database_
     finally:
         await conn.close()
 
-    env = {**os.environ, **_env(settings)}
+    env = command_env(settings)
     # The command runs its own event loop: invoke it off this test's loop.
     result = await asyncio.to_thread(CliRunner().invoke, cli, ["maintain", "--retention-days", "90"], env=env)
     assert result.exit_code == 0, result.output
@@ -116,17 +117,6 @@ async def test_large_objects_use_multipart_upload_and_read_back_whole(make_setti
         offset, length = encoded.pointers[7000]
         member = await writer.get_range(settings.s3_bucket, key, offset, length)
         assert member == encoded.body[offset : offset + length]
-
-
-def _env(settings) -> dict[str, str]:
-    return {
-        "OMNILOG_DATABASE_URL": settings.database_url.get_secret_value(),
-        "OMNILOG_S3_ENDPOINT_URL": settings.s3_endpoint_url,
-        "OMNILOG_S3_BUCKET": settings.s3_bucket,
-        "AWS_ACCESS_KEY_ID": settings.aws_access_key_id.get_secret_value(),
-        "AWS_SECRET_ACCESS_KEY": settings.aws_secret_access_key.get_secret_value(),
-        "AWS_REGION": settings.aws_region,
-    }
 
 
 async def test_expiry_before_the_horizon_pages_and_keeps_the_ledger_rows_of_failed_deletes(

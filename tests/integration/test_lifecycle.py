@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -19,26 +18,14 @@ from pipeline.cli import cli
 from pipeline.settings import Settings
 from sinks.lifecycle import CATCH_ALL_ID
 from sinks.migrate import migrate
+from tests.integration.cli_env import command_env
 
 pytestmark = pytest.mark.integration
 FREE = "00000000-0000-0000-0000-0000000000a1"
 
 
-def _env(settings: Settings) -> dict[str, str]:
-    assert settings.aws_access_key_id and settings.aws_secret_access_key
-    return {
-        **os.environ,
-        "OMNILOG_DATABASE_URL": settings.database_url.get_secret_value(),
-        "OMNILOG_S3_ENDPOINT_URL": settings.s3_endpoint_url,
-        "OMNILOG_S3_BUCKET": settings.s3_bucket,
-        "AWS_ACCESS_KEY_ID": settings.aws_access_key_id.get_secret_value(),
-        "AWS_SECRET_ACCESS_KEY": settings.aws_secret_access_key.get_secret_value(),
-        "AWS_REGION": settings.aws_region,
-    }
-
-
 async def _lifecycle(settings: Settings, *args: str) -> Result:
-    return await asyncio.to_thread(CliRunner().invoke, cli, ["lifecycle", *args], env=_env(settings))
+    return await asyncio.to_thread(CliRunner().invoke, cli, ["lifecycle", *args], env=command_env(settings))
 
 
 async def test_plan_and_apply_follow_the_organizations_table(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -24,6 +23,7 @@ from pipeline.cli import cli
 from pipeline.settings import Settings
 from sinks.migrate import migrate
 from sinks.objects import s3_client
+from tests.integration.cli_env import command_env
 
 pytestmark = pytest.mark.integration
 
@@ -32,26 +32,17 @@ OTHER_ORG = str(uuid.UUID(int=0xB2))  # named by events, never registered
 REGISTERED, UNREGISTERED = (str(uuid.UUID(int=n)) for n in (0xC1, 0xC2))
 
 
-def _env(settings: Settings) -> dict[str, str]:
-    """The command's environment: the settings these tests change, and the stack's."""
-    assert settings.aws_access_key_id and settings.aws_secret_access_key
-    return {
-        **os.environ,
-        "OMNILOG_DATABASE_URL": settings.database_url.get_secret_value(),
-        "OMNILOG_S3_ENDPOINT_URL": settings.s3_endpoint_url,
-        "OMNILOG_S3_BUCKET": settings.s3_bucket,
-        "AWS_ACCESS_KEY_ID": settings.aws_access_key_id.get_secret_value(),
-        "AWS_SECRET_ACCESS_KEY": settings.aws_secret_access_key.get_secret_value(),
-        "AWS_REGION": settings.aws_region,
-        "OMNILOG_DLQ_OBJECT_PREFIX": settings.dlq_object_prefix,
-        "OMNILOG_MAX_EVENT_AGE_DAYS": str(settings.max_event_age_days),
-    }
-
-
 async def _maintain(settings: Settings, *args: str) -> Result:
     # The command runs its own event loop: invoke it off this test's loop.
     return await asyncio.to_thread(
-        CliRunner().invoke, cli, ["maintain", "--orphan-grace-hours", "0", *args], env=_env(settings)
+        CliRunner().invoke,
+        cli,
+        ["maintain", "--orphan-grace-hours", "0", *args],
+        env=command_env(
+            settings,
+            OMNILOG_DLQ_OBJECT_PREFIX=settings.dlq_object_prefix,
+            OMNILOG_MAX_EVENT_AGE_DAYS=str(settings.max_event_age_days),
+        ),
     )
 
 

@@ -16,7 +16,6 @@ from click.testing import CliRunner, Result
 from consumers.ingest.factory import partition_ensurer
 from pipeline.cli import cli
 from pipeline.processing.offsets import HorizonMoved
-from pipeline.settings import Settings
 from sinks.janitor import expire_objects
 from sinks.migrate import migrate
 from sinks.objects import s3_client
@@ -34,6 +33,7 @@ from sinks.retention import (
     load_horizon,
     lock_horizon,
 )
+from tests.integration.cli_env import command_env
 
 pytestmark = pytest.mark.integration
 
@@ -215,18 +215,6 @@ async def test_objects_are_expired_only_before_the_horizon(database, connect, ma
         assert await expire_objects(conn, s3, before=EXPIRED) == 0
 
 
-def _cli_env(settings: Settings, **extra: str) -> dict[str, str]:
-    return {
-        "OMNILOG_DATABASE_URL": settings.database_url.get_secret_value(),
-        "OMNILOG_S3_ENDPOINT_URL": settings.s3_endpoint_url,
-        "OMNILOG_S3_BUCKET": settings.s3_bucket,
-        "AWS_ACCESS_KEY_ID": settings.aws_access_key_id.get_secret_value(),
-        "AWS_SECRET_ACCESS_KEY": settings.aws_secret_access_key.get_secret_value(),
-        "AWS_REGION": settings.aws_region,
-        **extra,
-    }
-
-
 async def _maintain(env: dict[str, str], *args: str) -> Result:
     # The command runs its own event loop: invoke it off this test's loop.
     return await asyncio.to_thread(CliRunner().invoke, cli, ["maintain", *args], env=env)
@@ -250,7 +238,7 @@ async def test_maintain_refuses_unsafe_settings_and_deletes_nothing(
 ) -> None:
     conn = await connect()
     await ensure_day_partitions(conn, "log_index", [EXPIRED])
-    result = await _maintain(_cli_env(make_settings(database_url=database), **extra_env), *args)
+    result = await _maintain(command_env(make_settings(database_url=database), **extra_env), *args)
     assert result.exit_code == 1
     message = result.output.strip()
     assert message.startswith("Error: ") and "\n" not in message, message
@@ -268,7 +256,7 @@ async def test_maintain_advances_the_horizon_and_accepts_a_grace_beyond_the_reup
     # organization keeps 365 days): bring it to 90 so the 90-day horizon is what is tested here.
     await conn.execute("UPDATE organizations SET log_retention_days = 90")
     await ensure_day_partitions(conn, "log_index", [EXPIRED])
-    result = await _maintain(_cli_env(make_settings(database_url=database)), "--orphan-grace-hours", "1.5")
+    result = await _maintain(command_env(make_settings(database_url=database)), "--orphan-grace-hours", "1.5")
     assert result.exit_code == 0, result.output
     summary = orjson.loads(result.output.splitlines()[-1])
     assert summary["retention_horizon"] == (TODAY - timedelta(days=90)).isoformat()

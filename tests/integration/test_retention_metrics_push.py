@@ -6,7 +6,6 @@ timestamp (what OmnilogMaintenanceStale reads), and the next success clears it."
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import time
 import uuid
@@ -30,6 +29,7 @@ from sinks.migrate import migrate
 from sinks.objects import s3_client
 from sinks.partitions import ensure_day_partitions
 from tests.deploy.support import tool
+from tests.integration.cli_env import command_env
 
 pytestmark = pytest.mark.integration
 
@@ -63,23 +63,12 @@ def pushgateway(tmp_path: Path) -> Iterator[str]:
         proc.wait(timeout=10)
 
 
-def _env(settings: Settings, gateway: str) -> dict[str, str]:
-    assert settings.aws_access_key_id and settings.aws_secret_access_key
-    return {
-        **os.environ,
-        "OMNILOG_DATABASE_URL": settings.database_url.get_secret_value(),
-        "OMNILOG_S3_ENDPOINT_URL": settings.s3_endpoint_url,
-        "OMNILOG_S3_BUCKET": settings.s3_bucket,
-        "AWS_ACCESS_KEY_ID": settings.aws_access_key_id.get_secret_value(),
-        "AWS_SECRET_ACCESS_KEY": settings.aws_secret_access_key.get_secret_value(),
-        "AWS_REGION": settings.aws_region,
-        "OMNILOG_MAINTAIN_PUSHGATEWAY_URL": gateway,
-    }
-
-
 async def _maintain(settings: Settings, gateway: str) -> Result:
     return await asyncio.to_thread(
-        CliRunner().invoke, cli, ["maintain", "--orphan-grace-hours", "0"], env=_env(settings, gateway)
+        CliRunner().invoke,
+        cli,
+        ["maintain", "--orphan-grace-hours", "0"],
+        env=command_env(settings, OMNILOG_MAINTAIN_PUSHGATEWAY_URL=gateway),
     )
 
 
@@ -170,7 +159,9 @@ def test_an_unreachable_gateway_warns_and_keeps_the_runs_exit_code(
     settings = make_settings(database_url=fresh_database_url)
     (port,) = free_ports(1)  # nothing listens there
     result = CliRunner().invoke(
-        cli, ["maintain", "--orphan-grace-hours", "0"], env=_env(settings, f"http://127.0.0.1:{port}")
+        cli,
+        ["maintain", "--orphan-grace-hours", "0"],
+        env=command_env(settings, OMNILOG_MAINTAIN_PUSHGATEWAY_URL=f"http://127.0.0.1:{port}"),
     )
     assert result.exit_code == 0, result.output
     assert "could not push metrics to OMNILOG_MAINTAIN_PUSHGATEWAY_URL" in result.stderr

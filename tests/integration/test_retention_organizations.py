@@ -7,7 +7,6 @@ ways, and an object whose delete failed is retried by the next run."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from sinks.janitor import expire_organization
 from sinks.migrate import migrate
 from sinks.objects import s3_client
 from sinks.partitions import ensure_day_partitions
+from tests.integration.cli_env import command_env
 
 pytestmark = pytest.mark.integration
 
@@ -46,23 +46,10 @@ def _at(age: int) -> datetime:
     return datetime(day.year, day.month, day.day, 12, tzinfo=UTC)
 
 
-def _env(settings: Settings) -> dict[str, str]:
-    assert settings.aws_access_key_id and settings.aws_secret_access_key
-    return {
-        **os.environ,
-        "OMNILOG_DATABASE_URL": settings.database_url.get_secret_value(),
-        "OMNILOG_S3_ENDPOINT_URL": settings.s3_endpoint_url,
-        "OMNILOG_S3_BUCKET": settings.s3_bucket,
-        "AWS_ACCESS_KEY_ID": settings.aws_access_key_id.get_secret_value(),
-        "AWS_SECRET_ACCESS_KEY": settings.aws_secret_access_key.get_secret_value(),
-        "AWS_REGION": settings.aws_region,
-    }
-
-
 async def _maintain(settings: Settings, *args: str) -> Result:
     # The command runs its own event loop: invoke it off this test's loop.
     return await asyncio.to_thread(
-        CliRunner().invoke, cli, ["maintain", "--orphan-grace-hours", "0", *args], env=_env(settings)
+        CliRunner().invoke, cli, ["maintain", "--orphan-grace-hours", "0", *args], env=command_env(settings)
     )
 
 
