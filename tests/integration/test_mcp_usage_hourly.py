@@ -92,7 +92,9 @@ async def _prepared(url: str, before_0013: Path | None = None) -> tuple[asyncpg.
     low, high = (
         datetime(d.year, d.month, d.day, tzinfo=UTC) for d in (days[-1], days[-1] + timedelta(days=1))
     )
-    await conn.execute("CREATE TABLE mcp_usage_made_by_hand (LIKE mcp_usage INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
+    await conn.execute(
+        "CREATE TABLE mcp_usage_made_by_hand (LIKE mcp_usage INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+    )
     await conn.execute(
         f"ALTER TABLE mcp_usage ATTACH PARTITION mcp_usage_made_by_hand "
         f"FOR VALUES FROM ('{low.isoformat()}') TO ('{high.isoformat()}')"
