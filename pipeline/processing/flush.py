@@ -214,13 +214,23 @@ async def prepare(ctx: FlushContext, batch: Batch) -> Prepared:
             set_aside = await _upload_or_set_aside(ctx, pending, decoded)
         failpoints.hit("after_upload")
         await _dead_letter_set_aside(ctx, decoded, set_aside)
-        # The rows too: this CPU work then overlaps the batch before's time in PostgreSQL.
         with _timed(stages, "encode"):
-            prebuilt = ctx.index.prebuild(batch.ranges, [i for p in pending for i in p.indexed])
+            prebuilt = _prebuild(ctx, batch, pending)
     except BaseException:
         _count_orphans(ctx, pending)
         raise
     return Prepared(batch, decoded, pending, stages, prebuilt)
+
+
+def _prebuild(ctx: FlushContext, batch: Batch, pending: list[PendingObject]) -> object:
+    """The transaction's rows, built now: this CPU work then overlaps the batch before's time in
+    PostgreSQL. A failure here is left to the transaction, which builds the rows again inside the
+    retry and isolation that find the message at fault: building ahead never stops a partition."""
+    try:
+        return ctx.index.prebuild(batch.ranges, [i for p in pending for i in p.indexed])
+    except Exception:
+        log.warning("could not build the batch's rows ahead; the transaction builds them", exc_info=True)
+        return None
 
 
 async def commit(ctx: FlushContext, prepared: Prepared) -> FlushReport:

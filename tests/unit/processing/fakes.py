@@ -54,6 +54,7 @@ class FakeIndex:
     ledger: list[ObjectRecord] = field(default_factory=list)
     horizon: date | None = None
     locked_horizon: date | None = None  # what the transaction sees, when maintain moved it meanwhile
+    prebuild_error: Exception | None = None  # raised by building the rows ahead
     failures: list[Exception] = field(default_factory=list)  # raised by the next commits, in order
     refuse: set[str] = field(default_factory=set)  # event ids whose rows raise a check violation
     broken: Exception | None = None  # raised by every commit, even an empty one
@@ -65,7 +66,8 @@ class FakeIndex:
         return self.horizon
 
     def prebuild(self, ranges: Sequence[PartitionRange], indexed: Sequence[IndexedEvent]) -> object:
-        # What the real store does not use blindly either: commit checks it is for these events.
+        if self.prebuild_error is not None:
+            raise self.prebuild_error
         return [i.event.event_id for i in indexed]
 
     async def commit(

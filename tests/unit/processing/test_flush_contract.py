@@ -241,6 +241,16 @@ async def test_prepare_writes_nothing_the_offsets_depend_on_and_commit_makes_it_
     assert set(h.index.rows) == ids(good) and h.index.offsets == {0: 3} and report.invalid == 1
 
 
+async def test_rows_that_cannot_be_built_ahead_are_left_to_the_transaction() -> None:
+    h = harness({0: 0})
+    h.index.prebuild_error = ValueError("a row builder's bug")
+    good = [event(), event()]
+
+    report = await flush_module.flush(h.ctx, make_batch({0: 0}, {0: list[bytes | None](good)}))
+
+    assert set(h.index.rows) == ids(good) and h.index.offsets == {0: 2} and report.invalid == 0
+
+
 async def test_a_discarded_batch_counts_its_uploads_as_orphans_and_commits_nothing() -> None:
     h = harness({0: 0})
     prepared = await flush_module.prepare(h.ctx, make_batch({0: 0}, {0: [event(), event()]}))
