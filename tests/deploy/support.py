@@ -129,17 +129,23 @@ def config_data(manifests: list[Manifest]) -> dict[str, str]:
     return data
 
 
-def assert_checkov_clean(directory: Path, min_passed: int) -> None:
-    """checkov over every manifest in `directory`: no failed check, no parsing error, more than
-    `min_passed` checks run (so the manifests did load), and every skip carries a real reason."""
+def checkov_report(*target: str, framework: str) -> dict[str, Any]:
+    """checkov's JSON report on `target` (`-d DIR` or `-f FILE`) for one framework."""
     result = subprocess.run(
-        [checkov(), "-d", str(directory), "--framework", "kubernetes", "--skip-download", "-o", "json"],
+        [checkov(), *target, "--framework", framework, "--skip-download", "-o", "json"],
         capture_output=True,
         text=True,
         check=False,
         timeout=240,
     )
-    report = json.loads(result.stdout)
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+def assert_checkov_clean(directory: Path, min_passed: int) -> None:
+    """checkov over every manifest in `directory`: no failed check, no parsing error, more than
+    `min_passed` checks run (so the manifests did load), and every skip carries a real reason."""
+    report = checkov_report("-d", str(directory), framework="kubernetes")
     failed = [(c["check_id"], c["resource"]) for c in report["results"]["failed_checks"]]
     assert not failed, f"checkov failures: {failed}"
     assert report["summary"]["parsing_errors"] == 0

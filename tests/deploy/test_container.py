@@ -3,15 +3,13 @@ dependencies pinned to the versions the tests ran against, a tight build context
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
 import tomllib
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.deploy.support import DEPLOY, ROOT, checkov, load_tool_module
+from tests.deploy.support import DEPLOY, ROOT, checkov_report, load_tool_module
 
 DOCKERFILE = DEPLOY / "Dockerfile"
 LOCK = DEPLOY / "requirements.lock"
@@ -94,14 +92,7 @@ def test_lock_satisfies_pyproject_and_holds_no_dev_tools() -> None:
 
 
 def test_checkov_passes_the_dockerfile() -> None:
-    result = subprocess.run(
-        [checkov(), "-f", str(DOCKERFILE), "--framework", "dockerfile", "--skip-download", "-o", "json"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=240,
-    )
-    report = json.loads(result.stdout)
+    report = checkov_report("-f", str(DOCKERFILE), framework="dockerfile")
     assert report["results"]["failed_checks"] == []
     assert report["summary"]["passed"] > 20
     for skipped in report["results"]["skipped_checks"]:
