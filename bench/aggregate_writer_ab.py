@@ -19,16 +19,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import importlib.util
 import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -36,10 +31,10 @@ import asyncpg
 
 from bench.harness import ceilings, traffic
 from bench.harness.env import BenchEnv, own_stack
+from bench.harness.sources import load_text, source_at
 from pipeline.contract import ValidEvent
 from sinks import aggregate_parts
 
-ROOT = Path(__file__).resolve().parent.parent
 # Everything the writer leaves: its deltas and the sets it inserts into.
 TABLES = (
     "log_aggregate_deltas",
@@ -58,19 +53,10 @@ Write = Callable[[asyncpg.Connection, Sequence[ValidEvent], int], Awaitable[None
 
 def _module_at(revision: str, path: str, name: str, replace: tuple[str, str] | None = None) -> ModuleType:
     """`path` as it is at `revision`, imported as module `name` (`replace`: one text substitution)."""
-    shown = subprocess.run(["git", "show", f"{revision}:{path}"], cwd=ROOT, check=True, capture_output=True)
-    source = shown.stdout.decode()
+    source = source_at(revision, path)
     if replace is not None:
         source = source.replace(*replace)
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as file:
-        file.write(source)
-    spec = importlib.util.spec_from_file_location(name, file.name)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    os.unlink(file.name)
-    return module
+    return load_text(source, name)
 
 
 def baseline_writer(revision: str) -> Any:

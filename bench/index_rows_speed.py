@@ -27,15 +27,11 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date
-from importlib import util
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -43,6 +39,7 @@ from typing import Any
 import asyncpg
 
 from bench.harness.ceilings import validated
+from bench.harness.sources import load_text, source_at
 from bench.harness.traffic import values
 from pipeline.contract import ValidEvent
 from pipeline.gc_tuning import tune_gc
@@ -54,7 +51,6 @@ from sinks.partitions import ensure_day_partitions
 
 _WRITE_TIME = {"created_at"}  # log_index's now() at insert: differs between any two writes
 _GROUP = f"bench-index-rows-{os.getpid()}"
-_REPO = Path(__file__).resolve().parents[1]
 _FILES = {"index": "sinks/index.py", "usage": "sinks/usage.py"}
 _READ_BACK = {
     "log_index": "SELECT * FROM log_index WHERE id = ANY($1::uuid[]) ORDER BY id, started_at",
@@ -80,21 +76,10 @@ def _load(label: str, revision: str | None) -> Version:
         import sinks.usage
 
         return Version(label, sinks.index, sinks.usage)
-    modules = {}
-    folder = Path(tempfile.mkdtemp(prefix="index-rows-speed-"))
-    for name, path in _FILES.items():
-        text = subprocess.run(
-            ["git", "show", f"{revision}:{path}"], cwd=_REPO, check=True, capture_output=True, text=True
-        ).stdout
-        target = folder / f"{name}_{revision}.py"
-        target.write_text(text)
-        spec = util.spec_from_file_location(f"_bench_{name}_{revision}", target)
-        if spec is None or spec.loader is None:
-            raise SystemExit(f"cannot load {path} at {revision}")
-        module = util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-        spec.loader.exec_module(module)
-        modules[name] = module
+    modules = {
+        name: load_text(source_at(revision, path), f"_bench_{name}_{revision}")
+        for name, path in _FILES.items()
+    }
     return Version(label, modules["index"], modules["usage"])
 
 

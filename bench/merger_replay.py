@@ -28,10 +28,8 @@ import argparse
 import asyncio
 import gc
 import hashlib
-import importlib.util
 import json
 import statistics
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,6 +40,7 @@ import asyncpg
 
 from bench.harness import traffic
 from bench.harness.env import BenchEnv, own_stack
+from bench.harness.sources import load_source
 from pipeline.contract.validate import ValidationPolicy, ValidEvent, validate_event
 from pipeline.gc_tuning import tune_gc
 from pipeline.settings import Settings
@@ -139,12 +138,7 @@ async def replay(
 
 def load_merger(source: Path) -> ModuleType:
     """`source`/sinks/merger.py as a module of its own (its imports are this checkout's)."""
-    spec = importlib.util.spec_from_file_location("merger_base", source / "sinks" / "merger.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
+    return load_source(source / "sinks" / "merger.py", "merger_base")
 
 
 async def run(count: int, rounds: int, base: Path | None, per_round: int) -> dict[str, Any]:

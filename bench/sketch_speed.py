@@ -31,7 +31,6 @@ import importlib.util
 import itertools
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -41,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.harness.sources import load_source
 from pipeline import sketch as current
 from pipeline.sketch import DEFAULT_ALPHA, MAX_BINS, QuantileSketch, grouped_sketches, merge_all
 
@@ -87,13 +87,7 @@ def timed(fn: Callable[[], object], repeat: int, number: int) -> tuple[float, fl
 
 def load_baseline(path: Path) -> ModuleType:
     """An older pipeline/sketch.py, imported under its own name next to the current one."""
-    spec = importlib.util.spec_from_file_location("baseline_sketch", path)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["baseline_sketch"] = module  # dataclasses and slots look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_source(path, "baseline_sketch")
 
 
 def interleaved(fns: list[Callable[[], object]], repeat: int, number: int) -> list[float]:

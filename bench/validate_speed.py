@@ -30,24 +30,20 @@ import gc
 import importlib
 import random
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from importlib import util
-from pathlib import Path
 from types import ModuleType
 
 import orjson
 
+from bench.harness.sources import REPO, load_source, load_text, source_at
 from pipeline.contract import ValidationPolicy, validate_event
 from pipeline.devtools.loadgen.generator import LoadConfig, generate
 
-_REPO = Path(__file__).resolve().parents[1]
-_ORACLE = _REPO / "tests" / "unit" / "contract" / "legacy_validate.py"
+_ORACLE = REPO / "tests" / "unit" / "contract" / "legacy_validate.py"
 
 POLICY = ValidationPolicy(max_age=timedelta(days=90), max_future_skew=timedelta(hours=1))
 
@@ -77,42 +73,23 @@ def fresh_traffic(count: int, now: datetime) -> list[bytes]:
 
 
 def _load_oracle() -> Callable[[bytes | None, datetime, ValidationPolicy], object]:
-    spec = util.spec_from_file_location("legacy_validate", _ORACLE)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"cannot load {_ORACLE}")
-    module = util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_source(_ORACLE, "legacy_validate")
     validate: Callable[[bytes | None, datetime, ValidationPolicy], object] = module.validate_event
     return validate
 
 
 def _load_revision(revision: str) -> Callable[[bytes | None, datetime, ValidationPolicy], object]:
     """validate_event of `revision`: its validate.py run against its own rules.py."""
-    folder = Path(tempfile.mkdtemp(prefix="validate-speed-"))
     loaded: dict[str, ModuleType] = {}
     package = importlib.import_module("pipeline.contract")
     current_rules = sys.modules["pipeline.contract.rules"]
     try:
         for name in ("rules", "validate"):
-            text = subprocess.run(
-                ["git", "show", f"{revision}:pipeline/contract/{name}.py"],
-                cwd=_REPO,
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-            path = folder / f"{name}.py"
-            path.write_text(text)
-            spec = util.spec_from_file_location(f"_validate_speed_{name}_{revision}", path)
-            if spec is None or spec.loader is None:
-                raise SystemExit(f"cannot load {name}.py at {revision}")
-            module = util.module_from_spec(spec)
-            sys.modules[spec.name] = module
             if name == "validate":  # its `from pipeline.contract import rules` must get the old rules
                 sys.modules["pipeline.contract.rules"] = loaded["rules"]
                 package.rules = loaded["rules"]  # type: ignore[attr-defined]
-            spec.loader.exec_module(module)
-            loaded[name] = module
+            text = source_at(revision, f"pipeline/contract/{name}.py")
+            loaded[name] = load_text(text, f"_validate_speed_{name}_{revision}")
     finally:
         sys.modules["pipeline.contract.rules"] = current_rules
         package.rules = current_rules  # type: ignore[attr-defined]
