@@ -265,8 +265,13 @@ async def test_uploads_held_through_a_long_outage_are_renewed(
             await asyncio.sleep(0.2)
         stack.stop_service("postgres")
         traffic = await produce_traffic(settings, count=500, seed=31)
-        await asyncio.sleep(4)  # uploaded, then the commit keeps failing for longer than 1 s
-        assert _counter(registry, "omnilog_dependency_up", dependency="postgres") == 0
+        # Uploaded, then the commit fails: waited for rather than slept on (a loaded machine took
+        # longer than a fixed 4 s to get there), then held failing past REUPLOAD_AFTER_S.
+        deadline = time.monotonic() + 60
+        while _counter(registry, "omnilog_dependency_up", dependency="postgres") != 0:
+            assert time.monotonic() < deadline, "the commit never failed while PostgreSQL was down"
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(2)
         stack.start_service("postgres")
         await wait_caught_up(fresh_database_url, settings, traffic.end_offsets, timeout=60)
     finally:
